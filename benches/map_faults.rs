@@ -1,0 +1,2 @@
+//! MapFaults benches (placeholder until the layer lands).
+fn main() {}

@@ -1,0 +1,13 @@
+//! Tower middleware for resilient upstream calls.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod breaker;
+pub mod deadline;
+pub mod fault;
+pub mod grpc;
+pub mod timeout;
+
+pub use fault::{Classification, Classifier, Fault, Sent};
+
+/// The error type that travels between layers: any `std::error::Error`, boxed.
+pub use tower::BoxError;
