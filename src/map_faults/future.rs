@@ -1,0 +1,102 @@
+//! Response future of [`MapFaults`](super::MapFaults).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use http::Response;
+use pin_project_lite::pin_project;
+use tower::BoxError;
+
+use super::body::FaultBody;
+use super::response::Config;
+
+pin_project! {
+    /// Response future of [`MapFaults`](super::MapFaults): never fails.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        state: State<F>,
+        config: Config,
+        grpc: bool,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Called {
+            #[pin]
+            future: F,
+        },
+        // `poll_ready` of the inner service failed; answer that error.
+        Failed {
+            error: Option<BoxError>,
+        },
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    pub(crate) fn called(future: F, config: Config, grpc: bool) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+            config,
+            grpc,
+        }
+    }
+
+    pub(crate) fn failed(error: BoxError, config: Config, grpc: bool) -> Self {
+        ResponseFuture {
+            state: State::Failed { error: Some(error) },
+            config,
+            grpc,
+        }
+    }
+}
+
+impl<F> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("grpc", &self.grpc)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<FaultBody<B>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let grpc = *this.grpc;
+        let result = match this.state.project() {
+            StateProj::Called { future } => ready!(future.poll(cx)),
+            StateProj::Failed { error } => {
+                let err = error
+                    .take()
+                    .expect("ResponseFuture polled after completion");
+                return Poll::Ready(Ok(this.config.fault_response(&*err, grpc)));
+            }
+        };
+        Poll::Ready(Ok(match result {
+            Ok(res) => {
+                if this.config.rewrite_upstream_5xx && !grpc && res.status().is_server_error() {
+                    tracing::debug!(
+                        status = res.status().as_u16(),
+                        "rewriting upstream 5xx answer"
+                    );
+                    this.config.rewrite_upstream(&res)
+                } else {
+                    res.map(|body| FaultBody::upstream(body, grpc))
+                }
+            }
+            Err(err) => {
+                let err: BoxError = err.into();
+                this.config.fault_response(&*err, grpc)
+            }
+        }))
+    }
+}

@@ -1,0 +1,447 @@
+//! The answers the mapper makes: problem+json, plain text, user bodies, gRPC trailers-only.
+
+use std::borrow::Cow;
+use std::error::Error as StdError;
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
+
+use crate::fault::{Classification, Classifier, Fault};
+use crate::grpc;
+
+use super::body::FaultBody;
+
+pub(crate) static PROXY_STATUS: HeaderName = HeaderName::from_static("proxy-status");
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+static GRPC_PUSHBACK: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
+
+/// Longest `details` the mapper puts in a client-facing answer when details are exposed.
+const MAX_DETAILS: usize = 512;
+
+/// What a custom body gets to work with: everything the mapper knows that is safe to show.
+#[derive(Debug)]
+pub struct Problem<'a> {
+    pub(crate) fault: Option<Fault>,
+    pub(crate) status: StatusCode,
+    pub(crate) title: &'static str,
+    pub(crate) details: Option<&'a str>,
+}
+
+impl Problem<'_> {
+    /// The fault, or `None` when the answer rewrites an upstream's own 5xx response.
+    pub fn fault(&self) -> Option<Fault> {
+        self.fault
+    }
+
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// A short, fixed, client-safe sentence.
+    pub fn title(&self) -> &'static str {
+        self.title
+    }
+
+    /// The error's text, only when the mapper was built with
+    /// [`expose_details(true)`](super::MapFaultsLayerBuilder::expose_details).
+    pub fn details(&self) -> Option<&str> {
+        self.details
+    }
+}
+
+pub(crate) type BodyFn = dyn Fn(&Problem<'_>) -> (HeaderValue, Bytes) + Send + Sync;
+
+/// How the body of a synthesized HTTP answer is written.
+#[derive(Clone)]
+pub(crate) enum BodyStyle {
+    ProblemJson,
+    PlainText,
+    Custom(Arc<BodyFn>),
+}
+
+/// The gateway's name as it appears in `Proxy-Status`: a token, or a quoted string.
+#[derive(Clone, Debug)]
+pub(crate) enum Name {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl Name {
+    fn as_str(&self) -> &str {
+        match self {
+            Name::Static(s) => s,
+            Name::Shared(s) => s,
+        }
+    }
+
+    /// Renders a name as an RFC 8941 token where it is one, else as a string; `None` if it
+    /// cannot be a structured-field string (non-printable or non-ASCII).
+    pub(crate) fn render(name: Cow<'static, str>) -> Option<Name> {
+        if name.is_empty() || !name.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+            return None;
+        }
+        if is_sf_token(&name) {
+            return Some(match name {
+                Cow::Borrowed(s) => Name::Static(s),
+                Cow::Owned(s) => Name::Shared(s.into()),
+            });
+        }
+        let mut quoted = String::with_capacity(name.len() + 2);
+        push_sf_string(&mut quoted, &name);
+        Some(Name::Shared(quoted.into()))
+    }
+}
+
+fn is_sf_token(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    let first_ok = matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'*');
+    first_ok && bytes.all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b))
+}
+
+/// Appends `s` as an RFC 8941 sf-string (printable ASCII only; others become `?`).
+fn push_sf_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => out.push('?'),
+        }
+    }
+    out.push('"');
+}
+
+/// Everything the mapper is configured with. Cloned into every response future: with the
+/// default configuration the clone touches no shared counter (no `Arc` is set).
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) name: Name,
+    pub(crate) classifier: Classifier,
+    pub(crate) body: BodyStyle,
+    pub(crate) expose_details: bool,
+    pub(crate) unclassified_status: StatusCode,
+    pub(crate) unclassified_grpc: grpc::Code,
+    pub(crate) rewrite_upstream_5xx: bool,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MapFaultsConfig")
+            .field("gateway_name", &self.name.as_str())
+            .field("classifier", &self.classifier)
+            .field(
+                "body",
+                &match self.body {
+                    BodyStyle::ProblemJson => "problem+json",
+                    BodyStyle::PlainText => "text/plain",
+                    BodyStyle::Custom(_) => "custom",
+                },
+            )
+            .field("expose_details", &self.expose_details)
+            .field("unclassified_status", &self.unclassified_status)
+            .field("unclassified_grpc", &self.unclassified_grpc)
+            .field("rewrite_upstream_5xx", &self.rewrite_upstream_5xx)
+            .finish()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            name: Name::Static("tower-upstream"),
+            classifier: Classifier::default(),
+            body: BodyStyle::ProblemJson,
+            expose_details: false,
+            unclassified_status: StatusCode::BAD_GATEWAY,
+            unclassified_grpc: grpc::Code::Unavailable,
+            rewrite_upstream_5xx: false,
+        }
+    }
+}
+
+impl Config {
+    /// The answer for an error of the inner service.
+    pub(crate) fn fault_response<B>(
+        &self,
+        err: &(dyn StdError + 'static),
+        grpc: bool,
+    ) -> Response<FaultBody<B>> {
+        let c = self.classifier.classify(err);
+        let fault = c.fault();
+        if fault.is_local_rejection() {
+            tracing::debug!(fault = fault.name(), error = %Chain(err), "request refused locally");
+        } else {
+            tracing::warn!(fault = fault.name(), error = %Chain(err), "upstream call failed");
+        }
+        let details = self.expose_details.then(|| details(err));
+        if grpc {
+            self.grpc_response(&c, details.as_deref())
+        } else {
+            self.http_response(&c, details.as_deref())
+        }
+    }
+
+    fn http_status(&self, fault: Fault) -> StatusCode {
+        if fault == Fault::ProxyInternalError {
+            self.unclassified_status
+        } else {
+            fault.http_status()
+        }
+    }
+
+    fn grpc_code(&self, fault: Fault) -> grpc::Code {
+        if fault == Fault::ProxyInternalError {
+            self.unclassified_grpc
+        } else {
+            fault.grpc_code()
+        }
+    }
+
+    fn http_response<B>(
+        &self,
+        c: &Classification,
+        details: Option<&str>,
+    ) -> Response<FaultBody<B>> {
+        let fault = c.fault();
+        let status = self.http_status(fault);
+        let problem = Problem {
+            fault: Some(fault),
+            status,
+            title: fault.title(),
+            details,
+        };
+        let mut res = self.problem_response(&problem);
+        let proxy_status = self.proxy_status(Some(fault), None, details);
+        let headers = res.headers_mut();
+        headers.insert(PROXY_STATUS.clone(), proxy_status);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            if let Some(after) = c.retry_after() {
+                headers.insert(RETRY_AFTER, HeaderValue::from(whole_seconds_up(after)));
+            }
+        }
+        res
+    }
+
+    fn grpc_response<B>(
+        &self,
+        c: &Classification,
+        details: Option<&str>,
+    ) -> Response<FaultBody<B>> {
+        let fault = c.fault();
+        let message = match details {
+            Some(d) => grpc::encode_message(&format!("{}: {}", fault.title(), d)),
+            None => grpc::encode_message(fault.title()),
+        };
+        let mut res = Response::new(FaultBody::empty());
+        let headers = res.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(GRPC_STATUS.clone(), self.grpc_code(fault).to_header_value());
+        if let Ok(v) = HeaderValue::try_from(message) {
+            headers.insert(GRPC_MESSAGE.clone(), v);
+        }
+        if let Some(after) = c
+            .retry_after()
+            .filter(|_| fault == Fault::DestinationUnavailable)
+        {
+            let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+            headers.insert(GRPC_PUSHBACK.clone(), HeaderValue::from(ms));
+        }
+        headers.insert(
+            PROXY_STATUS.clone(),
+            self.proxy_status(Some(fault), None, details),
+        );
+        res
+    }
+
+    /// Rewrites an upstream 5xx answer into the generic one, keeping its status.
+    pub(crate) fn rewrite_upstream<B, U>(&self, upstream: &Response<U>) -> Response<FaultBody<B>> {
+        let status = upstream.status();
+        let problem = Problem {
+            fault: None,
+            status,
+            title: "upstream answered with an error",
+            details: None,
+        };
+        let mut res = self.problem_response(&problem);
+        *res.version_mut() = upstream.version();
+        let headers = res.headers_mut();
+        headers.insert(
+            PROXY_STATUS.clone(),
+            self.proxy_status(None, Some(status), None),
+        );
+        if let Some(after) = upstream.headers().get(RETRY_AFTER) {
+            headers.insert(RETRY_AFTER, after.clone());
+        }
+        res
+    }
+
+    fn problem_response<B>(&self, p: &Problem<'_>) -> Response<FaultBody<B>> {
+        let (content_type, body) = match &self.body {
+            BodyStyle::ProblemJson => (
+                HeaderValue::from_static("application/problem+json"),
+                Bytes::from(problem_json(p)),
+            ),
+            BodyStyle::PlainText => (
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+                Bytes::from(plain_text(p)),
+            ),
+            BodyStyle::Custom(f) => f(p),
+        };
+        let mut res = Response::new(FaultBody::full(body));
+        *res.status_mut() = p.status;
+        res.headers_mut().insert(CONTENT_TYPE, content_type);
+        res
+    }
+
+    fn proxy_status(
+        &self,
+        fault: Option<Fault>,
+        received: Option<StatusCode>,
+        details: Option<&str>,
+    ) -> HeaderValue {
+        let mut v = String::with_capacity(64);
+        v.push_str(self.name.as_str());
+        if let Some(fault) = fault {
+            v.push_str("; error=");
+            v.push_str(fault.name());
+        }
+        if let Some(status) = received {
+            let _ = write!(v, "; received-status={}", status.as_u16());
+        }
+        if let Some(d) = details {
+            v.push_str("; details=");
+            push_sf_string(&mut v, d);
+        }
+        // Every part is printable ASCII by construction.
+        HeaderValue::try_from(v).unwrap_or_else(|_| HeaderValue::from_static("tower-upstream"))
+    }
+}
+
+/// Whole seconds, rounded up (`Retry-After` takes delay-seconds).
+fn whole_seconds_up(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// The error chain as one line, for logs and (when exposed) for clients.
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn StdError + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
+fn details(err: &(dyn StdError + 'static)) -> String {
+    let mut s = Chain(err).to_string();
+    if s.len() > MAX_DETAILS {
+        let mut end = MAX_DETAILS;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+fn problem_json(p: &Problem<'_>) -> String {
+    let mut s = String::with_capacity(192);
+    s.push_str("{\"type\":\"about:blank\",\"title\":");
+    push_json_string(&mut s, p.status.canonical_reason().unwrap_or("Error"));
+    let _ = write!(s, ",\"status\":{},\"detail\":", p.status.as_u16());
+    match p.details {
+        Some(d) => push_json_string(&mut s, &format!("{}: {}", p.title, d)),
+        None => push_json_string(&mut s, p.title),
+    }
+    if let Some(fault) = p.fault {
+        s.push_str(",\"fault\":");
+        push_json_string(&mut s, fault.name());
+    }
+    s.push('}');
+    s
+}
+
+fn plain_text(p: &Problem<'_>) -> String {
+    match p.details {
+        Some(d) => format!(
+            "{} {}: {}: {}\n",
+            p.status.as_u16(),
+            p.status.canonical_reason().unwrap_or(""),
+            p.title,
+            d
+        ),
+        None => format!(
+            "{} {}: {}\n",
+            p.status.as_u16(),
+            p.status.canonical_reason().unwrap_or(""),
+            p.title
+        ),
+    }
+}
+
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_render_as_token_or_string() {
+        assert_eq!(Name::render("gw".into()).unwrap().as_str(), "gw");
+        assert_eq!(
+            Name::render("edge-1.example".into()).unwrap().as_str(),
+            "edge-1.example"
+        );
+        assert_eq!(Name::render("my gw".into()).unwrap().as_str(), "\"my gw\"");
+        assert_eq!(Name::render("1gw".into()).unwrap().as_str(), "\"1gw\"");
+        assert_eq!(Name::render("a\"b".into()).unwrap().as_str(), "\"a\\\"b\"");
+        assert!(Name::render("".into()).is_none());
+        assert!(Name::render("é".into()).is_none());
+        assert!(Name::render("a\nb".into()).is_none());
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(whole_seconds_up(Duration::from_millis(0)), 0);
+        assert_eq!(whole_seconds_up(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds_up(Duration::from_millis(1000)), 1);
+        assert_eq!(whole_seconds_up(Duration::from_millis(4001)), 5);
+    }
+
+    #[test]
+    fn json_escapes() {
+        let mut s = String::new();
+        push_json_string(&mut s, "a\"b\\c\n\u{1}é");
+        assert_eq!(s, "\"a\\\"b\\\\c\\n\\u0001é\"");
+    }
+}
