@@ -133,7 +133,6 @@ fn is_grpc_content_type(ct: &[u8]) -> bool {
 
 /// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec says: every byte outside
 /// printable ASCII (0x20..=0x7E), and `%` itself, becomes `%XX`.
-
 pub(crate) fn encode_message(msg: &str) -> String {
     let mut out = String::with_capacity(msg.len());
     for b in msg.bytes() {

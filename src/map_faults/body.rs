@@ -131,9 +131,15 @@ where
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            Kind::Upstream { body, done, .. } => {
+            Kind::Upstream { body, done, grpc } => {
                 if *done {
                     SizeHint::with_exact(0)
+                } else if *grpc {
+                    // Never exact: the body may have to end early with trailers, so no
+                    // content-length may be promised for it.
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(body.size_hint().lower());
+                    hint
                 } else {
                     body.size_hint()
                 }

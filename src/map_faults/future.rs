@@ -90,6 +90,12 @@ where
                     );
                     this.config.rewrite_upstream(&res)
                 } else {
+                    let mut res = res;
+                    if grpc {
+                        // A gRPC body may have to end early with UNAVAILABLE trailers; a
+                        // content-length would make that a protocol error.
+                        res.headers_mut().remove(http::header::CONTENT_LENGTH);
+                    }
                     res.map(|body| FaultBody::upstream(body, grpc))
                 }
             }
