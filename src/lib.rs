@@ -1,5 +1,6 @@
 //! Tower middleware for resilient upstream calls.
 #![cfg_attr(docsrs, feature(doc_cfg))]
+#![forbid(unsafe_code)]
 
 pub mod breaker;
 pub mod deadline;

@@ -37,8 +37,10 @@ pin_project! {
             grpc: bool,
             done: bool,
         },
+        // Boxed so that wrapping an upstream body stays small: a synthesized answer is the
+        // rare path, the size of every response is not.
         Full {
-            data: Option<Bytes>,
+            data: Option<Box<Bytes>>,
         },
     }
 }
@@ -57,7 +59,7 @@ impl<B> FaultBody<B> {
     pub(crate) fn full(data: Bytes) -> Self {
         FaultBody {
             kind: Kind::Full {
-                data: (!data.is_empty()).then_some(data),
+                data: (!data.is_empty()).then(|| Box::new(data)),
             },
         }
     }
@@ -82,7 +84,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
-            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(*d)))),
             KindProj::Upstream { body, grpc, done } => {
                 if *done {
                     return Poll::Ready(None);

@@ -17,8 +17,8 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         state: State<F>,
+        // The configuration, with the request's gRPC flag folded in.
         config: Config,
-        grpc: bool,
     }
 }
 
@@ -37,19 +37,17 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn called(future: F, config: Config, grpc: bool) -> Self {
+    pub(crate) fn called(future: F, config: Config) -> Self {
         ResponseFuture {
             state: State::Called { future },
             config,
-            grpc,
         }
     }
 
-    pub(crate) fn failed(error: BoxError, config: Config, grpc: bool) -> Self {
+    pub(crate) fn failed(error: BoxError, config: Config) -> Self {
         ResponseFuture {
             state: State::Failed { error: Some(error) },
             config,
-            grpc,
         }
     }
 }
@@ -57,7 +55,7 @@ impl<F> ResponseFuture<F> {
 impl<F> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("grpc", &self.grpc)
+            .field("grpc", &self.config.is_grpc())
             .finish_non_exhaustive()
     }
 }
@@ -71,24 +69,25 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let grpc = *this.grpc;
+        let grpc = this.config.is_grpc();
+        let view = this.config.view();
         let result = match this.state.project() {
             StateProj::Called { future } => ready!(future.poll(cx)),
             StateProj::Failed { error } => {
                 let err = error
                     .take()
                     .expect("ResponseFuture polled after completion");
-                return Poll::Ready(Ok(this.config.fault_response(&*err, grpc)));
+                return Poll::Ready(Ok(view.fault_response(&*err, grpc)));
             }
         };
         Poll::Ready(Ok(match result {
             Ok(res) => {
-                if this.config.rewrite_upstream_5xx && !grpc && res.status().is_server_error() {
+                if view.settings.rewrite_upstream_5xx && !grpc && res.status().is_server_error() {
                     tracing::debug!(
                         status = res.status().as_u16(),
                         "rewriting upstream 5xx answer"
                     );
-                    this.config.rewrite_upstream(&res)
+                    view.rewrite_upstream(&res)
                 } else {
                     let mut res = res;
                     if grpc {
@@ -101,7 +100,7 @@ where
             }
             Err(err) => {
                 let err: BoxError = err.into();
-                this.config.fault_response(&*err, grpc)
+                view.fault_response(&*err, grpc)
             }
         }))
     }

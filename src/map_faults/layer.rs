@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use tower_layer::Layer;
 
-use super::response::{BodyStyle, Config, Name, Problem};
+use super::response::{render_name, BodyFn, BodyStyle, Config, Custom, Extras, Problem, Settings};
 use super::MapFaults;
 use crate::error::ConfigError;
 use crate::fault::Classifier;
@@ -34,7 +34,9 @@ impl MapFaultsLayer {
     /// A builder for a layer with other settings.
     pub fn builder() -> MapFaultsLayerBuilder {
         MapFaultsLayerBuilder {
-            config: Config::default(),
+            settings: Settings::default(),
+            classifier: None,
+            custom_body: None,
             name: None,
             unclassified_status: StatusCode::BAD_GATEWAY,
             unclassified_grpc: grpc::Code::Unavailable,
@@ -67,7 +69,9 @@ impl<S> Layer<S> for MapFaultsLayer {
 /// ```
 #[must_use]
 pub struct MapFaultsLayerBuilder {
-    config: Config,
+    settings: Settings,
+    classifier: Option<Classifier>,
+    custom_body: Option<Arc<BodyFn>>,
     name: Option<Cow<'static, str>>,
     unclassified_status: StatusCode,
     unclassified_grpc: grpc::Code,
@@ -76,8 +80,9 @@ pub struct MapFaultsLayerBuilder {
 impl std::fmt::Debug for MapFaultsLayerBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MapFaultsLayerBuilder")
-            .field("config", &self.config)
+            .field("settings", &self.settings)
             .field("name", &self.name)
+            .field("classifier", &self.classifier)
             .finish()
     }
 }
@@ -85,6 +90,9 @@ impl std::fmt::Debug for MapFaultsLayerBuilder {
 impl MapFaultsLayerBuilder {
     /// The gateway's name in `Proxy-Status` (default `tower-upstream`). Any printable ASCII;
     /// names that are not structured-field tokens are sent quoted.
+    ///
+    /// A name that is not a `&'static str` is interned: stored once per distinct name for
+    /// the life of the process, so that answering needs no reference count per request.
     pub fn gateway_name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
         self.name = Some(name.into());
         self
@@ -92,19 +100,19 @@ impl MapFaultsLayerBuilder {
 
     /// The classifier deciding which fault an error is (default: the built-in rules).
     pub fn classifier(mut self, classifier: Classifier) -> Self {
-        self.config.classifier = classifier;
+        self.classifier = Some(classifier);
         self
     }
 
     /// Answer with `application/problem+json` bodies (RFC 9457), the default.
     pub fn problem_json(mut self) -> Self {
-        self.config.body = BodyStyle::ProblemJson;
+        self.settings.body = BodyStyle::ProblemJson;
         self
     }
 
     /// Answer with one line of `text/plain`.
     pub fn plain_text(mut self) -> Self {
-        self.config.body = BodyStyle::PlainText;
+        self.settings.body = BodyStyle::PlainText;
         self
     }
 
@@ -128,7 +136,8 @@ impl MapFaultsLayerBuilder {
     where
         F: Fn(&Problem<'_>) -> (HeaderValue, Bytes) + Send + Sync + 'static,
     {
-        self.config.body = BodyStyle::Custom(Arc::new(f));
+        self.settings.body = BodyStyle::Custom;
+        self.custom_body = Some(Arc::new(f));
         self
     }
 
@@ -136,7 +145,7 @@ impl MapFaultsLayerBuilder {
     /// `details` of `Proxy-Status`, the problem's `detail`, the `grpc-message`. Off by
     /// default; meant for internal deployments. The full cause always goes to `tracing`.
     pub fn expose_details(mut self, expose: bool) -> Self {
-        self.config.expose_details = expose;
+        self.settings.expose_details = expose;
         self
     }
 
@@ -158,7 +167,7 @@ impl MapFaultsLayerBuilder {
     /// `received-status`, so that upstream internals (stack traces, host names) don't reach
     /// clients. Off by default: upstream answers pass through untouched.
     pub fn rewrite_upstream_5xx(mut self, rewrite: bool) -> Self {
-        self.config.rewrite_upstream_5xx = rewrite;
+        self.settings.rewrite_upstream_5xx = rewrite;
         self
     }
 
@@ -169,10 +178,10 @@ impl MapFaultsLayerBuilder {
     /// A [`ConfigError`] naming the field when the gateway name is empty or not printable
     /// ASCII, the unclassified status is not a 5xx, or the unclassified gRPC code is `OK`.
     pub fn build(self) -> Result<MapFaultsLayer, ConfigError> {
-        let mut config = self.config;
+        let mut settings = self.settings;
         if let Some(name) = self.name {
             let shown = name.to_string();
-            config.name = Name::render(name).ok_or_else(|| {
+            settings.name = render_name(name).ok_or_else(|| {
                 ConfigError::new(
                     "map_faults.gateway_name",
                     format!("must be non-empty printable ASCII (got {shown:?})"),
@@ -194,8 +203,20 @@ impl MapFaultsLayerBuilder {
                 "must not be OK (got 0)",
             ));
         }
-        config.unclassified_status = self.unclassified_status;
-        config.unclassified_grpc = self.unclassified_grpc;
+        settings.unclassified_status = self.unclassified_status;
+        settings.unclassified_grpc = self.unclassified_grpc;
+        let settings = settings.intern();
+        let config = if self.classifier.is_some() || self.custom_body.is_some() {
+            Config::Custom(Arc::new(Custom {
+                settings,
+                extras: Extras {
+                    classifier: self.classifier.unwrap_or_default(),
+                    body: self.custom_body,
+                },
+            }))
+        } else {
+            Config::Plain(settings)
+        };
         Ok(MapFaultsLayer { config })
     }
 }

@@ -165,8 +165,8 @@ where
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let grpc = grpc::is_grpc(req.headers());
         if let Some(err) = self.ready_error.0.take() {
-            return ResponseFuture::failed(err, self.config.clone(), grpc);
+            return ResponseFuture::failed(err, self.config.for_request(grpc));
         }
-        ResponseFuture::called(self.inner.call(req), self.config.clone(), grpc)
+        ResponseFuture::called(self.inner.call(req), self.config.for_request(grpc))
     }
 }

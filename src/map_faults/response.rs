@@ -1,9 +1,10 @@
 //! The answers the mapper makes: problem+json, plain text, user bodies, gRPC trailers-only.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::error::Error as StdError;
 use std::fmt::{self, Write as _};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -58,44 +59,54 @@ impl Problem<'_> {
 pub(crate) type BodyFn = dyn Fn(&Problem<'_>) -> (HeaderValue, Bytes) + Send + Sync;
 
 /// How the body of a synthesized HTTP answer is written.
-#[derive(Clone)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum BodyStyle {
     ProblemJson,
     PlainText,
-    Custom(Arc<BodyFn>),
+    /// The closure in [`Extras::body`].
+    Custom,
 }
 
-/// The gateway's name as it appears in `Proxy-Status`: a token, or a quoted string.
-#[derive(Clone, Debug)]
-pub(crate) enum Name {
-    Static(&'static str),
-    Shared(Arc<str>),
+/// The settings that hold closures or shared rules; absent in the common case.
+pub(crate) struct Extras {
+    pub(crate) classifier: Classifier,
+    pub(crate) body: Option<Arc<BodyFn>>,
 }
 
-impl Name {
-    fn as_str(&self) -> &str {
-        match self {
-            Name::Static(s) => s,
-            Name::Shared(s) => s,
-        }
+/// Renders a gateway name as an RFC 8941 token where it is one, else as a string; `None` if
+/// it cannot be a structured-field string (non-printable or non-ASCII).
+///
+/// The result is `'static` so that response futures can carry it without a reference
+/// count: names that are not already `'static` are interned, once per distinct name.
+pub(crate) fn render_name(name: Cow<'static, str>) -> Option<&'static str> {
+    if name.is_empty() || !name.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return None;
     }
+    if is_sf_token(&name) {
+        return Some(match name {
+            Cow::Borrowed(s) => s,
+            Cow::Owned(s) => intern(s),
+        });
+    }
+    let mut quoted = String::with_capacity(name.len() + 2);
+    push_sf_string(&mut quoted, &name);
+    Some(intern(quoted))
+}
 
-    /// Renders a name as an RFC 8941 token where it is one, else as a string; `None` if it
-    /// cannot be a structured-field string (non-printable or non-ASCII).
-    pub(crate) fn render(name: Cow<'static, str>) -> Option<Name> {
-        if name.is_empty() || !name.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
-            return None;
-        }
-        if is_sf_token(&name) {
-            return Some(match name {
-                Cow::Borrowed(s) => Name::Static(s),
-                Cow::Owned(s) => Name::Shared(s.into()),
-            });
-        }
-        let mut quoted = String::with_capacity(name.len() + 2);
-        push_sf_string(&mut quoted, &name);
-        Some(Name::Shared(quoted.into()))
+/// Interns a gateway name: each distinct name is stored once for the life of the process.
+/// Names are configuration (a handful per process), never per-request data.
+fn intern(name: String) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(existing) = names.get(name.as_str()) {
+        return existing;
     }
+    let leaked: &'static str = Box::leak(name.into_boxed_str());
+    names.insert(leaked);
+    leaked
 }
 
 fn is_sf_token(s: &str) -> bool {
@@ -120,45 +131,22 @@ fn push_sf_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// Everything the mapper is configured with. Cloned into every response future: with the
-/// default configuration the clone touches no shared counter (no `Arc` is set).
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub(crate) name: Name,
-    pub(crate) classifier: Classifier,
+/// The plain settings of a mapper: `Copy`, comparable, and interned, so that a response
+/// future carries them as one `&'static` pointer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Settings {
+    pub(crate) name: &'static str,
     pub(crate) body: BodyStyle,
     pub(crate) expose_details: bool,
+    pub(crate) rewrite_upstream_5xx: bool,
     pub(crate) unclassified_status: StatusCode,
     pub(crate) unclassified_grpc: grpc::Code,
-    pub(crate) rewrite_upstream_5xx: bool,
 }
 
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MapFaultsConfig")
-            .field("gateway_name", &self.name.as_str())
-            .field("classifier", &self.classifier)
-            .field(
-                "body",
-                &match self.body {
-                    BodyStyle::ProblemJson => "problem+json",
-                    BodyStyle::PlainText => "text/plain",
-                    BodyStyle::Custom(_) => "custom",
-                },
-            )
-            .field("expose_details", &self.expose_details)
-            .field("unclassified_status", &self.unclassified_status)
-            .field("unclassified_grpc", &self.unclassified_grpc)
-            .field("rewrite_upstream_5xx", &self.rewrite_upstream_5xx)
-            .finish()
-    }
-}
-
-impl Default for Config {
+impl Default for Settings {
     fn default() -> Self {
-        Config {
-            name: Name::Static("tower-upstream"),
-            classifier: Classifier::default(),
+        Settings {
+            name: "tower-upstream",
             body: BodyStyle::ProblemJson,
             expose_details: false,
             unclassified_status: StatusCode::BAD_GATEWAY,
@@ -168,21 +156,122 @@ impl Default for Config {
     }
 }
 
+impl Settings {
+    /// Interns these settings: stored once per distinct value for the life of the process
+    /// (settings are configuration, a handful per process).
+    pub(crate) fn intern(self) -> &'static Settings {
+        static DEFAULT: OnceLock<&'static Settings> = OnceLock::new();
+        static ALL: OnceLock<Mutex<HashSet<&'static Settings>>> = OnceLock::new();
+        if self == Settings::default() {
+            return DEFAULT.get_or_init(|| Box::leak(Box::new(Settings::default())));
+        }
+        let mut all = ALL
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(existing) = all.get(&self) {
+            return existing;
+        }
+        let leaked: &'static Settings = Box::leak(Box::new(self));
+        all.insert(leaked);
+        leaked
+    }
+}
+
+/// Settings with closures or shared rules: a custom classifier or body.
+pub(crate) struct Custom {
+    pub(crate) settings: &'static Settings,
+    pub(crate) extras: Extras,
+}
+
+/// What a mapper is configured with, as its services and response futures hold it.
+///
+/// It is one pointer plus the request's gRPC flag (folded into the variant), so the response
+/// future stays small, and with no custom classifier or body a clone touches no shared
+/// reference count: a count that every request on every core bumps is what stops a
+/// middleware from scaling (measured: an `Arc<Config>` here made 2 workers slower than 1).
+#[derive(Clone)]
+pub(crate) enum Config {
+    Plain(&'static Settings),
+    PlainGrpc(&'static Settings),
+    Custom(Arc<Custom>),
+    CustomGrpc(Arc<Custom>),
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::Plain(Settings::default().intern())
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let view = self.view();
+        f.debug_struct("MapFaultsConfig")
+            .field("settings", view.settings)
+            .field("classifier", &view.extras.map(|e| &e.classifier))
+            .field(
+                "custom_body",
+                &view.extras.is_some_and(|e| e.body.is_some()),
+            )
+            .finish()
+    }
+}
+
 impl Config {
+    /// The same configuration, for a request that is (or is not) gRPC.
+    pub(crate) fn for_request(&self, grpc: bool) -> Config {
+        match (self, grpc) {
+            (Config::Plain(s) | Config::PlainGrpc(s), false) => Config::Plain(s),
+            (Config::Plain(s) | Config::PlainGrpc(s), true) => Config::PlainGrpc(s),
+            (Config::Custom(c) | Config::CustomGrpc(c), false) => Config::Custom(c.clone()),
+            (Config::Custom(c) | Config::CustomGrpc(c), true) => Config::CustomGrpc(c.clone()),
+        }
+    }
+
+    pub(crate) fn is_grpc(&self) -> bool {
+        matches!(self, Config::PlainGrpc(_) | Config::CustomGrpc(_))
+    }
+
+    pub(crate) fn view(&self) -> View<'_> {
+        match self {
+            Config::Plain(settings) | Config::PlainGrpc(settings) => View {
+                settings,
+                extras: None,
+            },
+            Config::Custom(c) | Config::CustomGrpc(c) => View {
+                settings: c.settings,
+                extras: Some(&c.extras),
+            },
+        }
+    }
+}
+
+/// A borrowed view of a [`Config`]: what answering needs.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub(crate) settings: &'a Settings,
+    extras: Option<&'a Extras>,
+}
+
+impl View<'_> {
     /// The answer for an error of the inner service.
     pub(crate) fn fault_response<B>(
         &self,
         err: &(dyn StdError + 'static),
         grpc: bool,
     ) -> Response<FaultBody<B>> {
-        let c = self.classifier.classify(err);
+        let c = match self.extras {
+            Some(extras) => extras.classifier.classify(err),
+            None => crate::fault::classify(err),
+        };
         let fault = c.fault();
         if fault.is_local_rejection() {
             tracing::debug!(fault = fault.name(), error = %Chain(err), "request refused locally");
         } else {
             tracing::warn!(fault = fault.name(), error = %Chain(err), "upstream call failed");
         }
-        let details = self.expose_details.then(|| details(err));
+        let details = self.settings.expose_details.then(|| details(err));
         if grpc {
             self.grpc_response(&c, details.as_deref())
         } else {
@@ -192,7 +281,7 @@ impl Config {
 
     fn http_status(&self, fault: Fault) -> StatusCode {
         if fault == Fault::ProxyInternalError {
-            self.unclassified_status
+            self.settings.unclassified_status
         } else {
             fault.http_status()
         }
@@ -200,7 +289,7 @@ impl Config {
 
     fn grpc_code(&self, fault: Fault) -> grpc::Code {
         if fault == Fault::ProxyInternalError {
-            self.unclassified_grpc
+            self.settings.unclassified_grpc
         } else {
             fault.grpc_code()
         }
@@ -285,16 +374,17 @@ impl Config {
     }
 
     fn problem_response<B>(&self, p: &Problem<'_>) -> Response<FaultBody<B>> {
-        let (content_type, body) = match &self.body {
-            BodyStyle::ProblemJson => (
+        let custom = self.extras.and_then(|e| e.body.as_ref());
+        let (content_type, body) = match (self.settings.body, custom) {
+            (BodyStyle::Custom, Some(f)) => f(p),
+            (BodyStyle::ProblemJson | BodyStyle::Custom, _) => (
                 HeaderValue::from_static("application/problem+json"),
                 Bytes::from(problem_json(p)),
             ),
-            BodyStyle::PlainText => (
+            (BodyStyle::PlainText, _) => (
                 HeaderValue::from_static("text/plain; charset=utf-8"),
                 Bytes::from(plain_text(p)),
             ),
-            BodyStyle::Custom(f) => f(p),
         };
         let mut res = Response::new(FaultBody::full(body));
         *res.status_mut() = p.status;
@@ -309,7 +399,7 @@ impl Config {
         details: Option<&str>,
     ) -> HeaderValue {
         let mut v = String::with_capacity(64);
-        v.push_str(self.name.as_str());
+        v.push_str(self.settings.name);
         if let Some(fault) = fault {
             v.push_str("; error=");
             v.push_str(fault.name());
@@ -417,17 +507,32 @@ mod tests {
 
     #[test]
     fn names_render_as_token_or_string() {
-        assert_eq!(Name::render("gw".into()).unwrap().as_str(), "gw");
-        assert_eq!(
-            Name::render("edge-1.example".into()).unwrap().as_str(),
-            "edge-1.example"
-        );
-        assert_eq!(Name::render("my gw".into()).unwrap().as_str(), "\"my gw\"");
-        assert_eq!(Name::render("1gw".into()).unwrap().as_str(), "\"1gw\"");
-        assert_eq!(Name::render("a\"b".into()).unwrap().as_str(), "\"a\\\"b\"");
-        assert!(Name::render("".into()).is_none());
-        assert!(Name::render("é".into()).is_none());
-        assert!(Name::render("a\nb".into()).is_none());
+        let render = |s: &'static str| render_name(s.into());
+        assert_eq!(render("gw"), Some("gw"));
+        assert_eq!(render("edge-1.example"), Some("edge-1.example"));
+        assert_eq!(render("my gw"), Some("\"my gw\""));
+        assert_eq!(render("1gw"), Some("\"1gw\""));
+        assert_eq!(render("a\"b"), Some("\"a\\\"b\""));
+        assert_eq!(render(""), None);
+        assert_eq!(render("é"), None);
+        assert_eq!(render("a\nb"), None);
+    }
+
+    #[test]
+    fn owned_names_and_settings_are_interned_once() {
+        let a = render_name(String::from("interned-gw").into()).unwrap();
+        let b = render_name(String::from("interned-gw").into()).unwrap();
+        assert_eq!(a, "interned-gw");
+        assert!(std::ptr::eq(a, b), "the same name is stored once");
+        let s = Settings {
+            name: a,
+            ..Settings::default()
+        };
+        assert!(std::ptr::eq(s.intern(), s.intern()));
+        assert!(std::ptr::eq(
+            Settings::default().intern(),
+            Settings::default().intern()
+        ));
     }
 
     #[test]

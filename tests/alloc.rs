@@ -1,0 +1,76 @@
+#![allow(unsafe_code)] // a counting global allocator needs it
+//! The happy path of `MapFaults` allocates nothing per request.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http::{Request, Response};
+use tower::{service_fn, Layer, Service, ServiceExt};
+use tower_upstream::map_faults::MapFaultsLayer;
+
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+async fn allocations_for_100_requests<S>(mut svc: S) -> usize
+where
+    S: Service<Request<()>, Response = Response<tower_upstream::map_faults::FaultBody<()>>>,
+    S::Error: std::fmt::Debug,
+{
+    // Warm up (first-use allocations of the runtime and tracing are not per request).
+    for _ in 0..10 {
+        let _ = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
+    }
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..100 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
+        std::hint::black_box(res);
+    }
+    ALLOCATIONS.load(Ordering::Relaxed) - before
+}
+
+#[test]
+fn happy_path_does_not_allocate() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let inner =
+        service_fn(|_req: Request<()>| std::future::ready(Ok::<_, Infallible>(Response::new(()))));
+    let n = rt.block_on(allocations_for_100_requests(
+        MapFaultsLayer::new().layer(inner),
+    ));
+    assert_eq!(n, 0, "allocations on the happy path");
+
+    let named = MapFaultsLayer::builder()
+        .gateway_name(String::from("edge gateway"))
+        .build()
+        .unwrap();
+    let n = rt.block_on(allocations_for_100_requests(named.layer(inner)));
+    assert_eq!(n, 0, "allocations on the happy path with a configured name");
+}
