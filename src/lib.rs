@@ -1,4 +1,69 @@
 //! Tower middleware for resilient upstream calls.
+//!
+//! When a service calls another one, things fail: the upstream refuses the connection,
+//! resets it, answers garbage, hangs, is overloaded. tower-upstream classifies every such
+//! failure as a [`Fault`] (named after RFC 9209's proxy error types) and answers the client
+//! correctly: **502** when the upstream's answer was invalid or missing, **503** when the
+//! gateway deliberately refuses for now, **504** when no timely answer came, or the matching
+//! `grpc-status` for gRPC callers.
+//!
+//! # Quick start (axum)
+//!
+//! Put [`MapFaultsLayer`] around a proxy route: its service has `Error = Infallible`, so no
+//! `HandleErrorLayer` is needed.
+//!
+//! ```
+//! use axum::{body::Body, Router};
+//! use http::{Request, StatusCode};
+//! use http_body_util::BodyExt;
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
+//! use tower::{service_fn, BoxError, Layer, ServiceExt};
+//! use tower_upstream::MapFaultsLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! # let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! # let upstream = dead.local_addr()?;
+//! # drop(dead); // nothing listens there: the upstream refuses connections
+//! let client = Client::builder(TokioExecutor::new()).build_http();
+//!
+//! // Forward every request to the upstream, path and query kept.
+//! let proxy = service_fn(move |mut req: Request<Body>| {
+//!     let client = client.clone();
+//!     async move {
+//!         let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+//!         *req.uri_mut() = format!("http://{upstream}{pq}").parse()?;
+//!         Ok::<_, BoxError>(client.request(req).await?)
+//!     }
+//! });
+//!
+//! let app = Router::new().fallback_service(
+//!     MapFaultsLayer::builder().gateway_name("my-gateway").build()?.layer(proxy),
+//! );
+//!
+//! let res = app.oneshot(Request::get("/orders/7").body(Body::empty())?).await?;
+//! assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+//! assert_eq!(res.headers()["proxy-status"], "my-gateway; error=connection_refused");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Modules
+//!
+//! - [`fault`]: the taxonomy and the one classifier every layer uses.
+//! - [`map_faults`]: the outermost layer, turning every fault into the right answer.
+//! - [`deadline`], [`timeout`], [`breaker`]: the request deadline, attempt timeouts and the
+//!   circuit breaker (their errors are classified already; the layers grow in later releases).
+//! - [`grpc`]: gRPC status codes and detection.
+//!
+//! # Feature flags
+//!
+//! - `hyper` (default): classify `hyper::Error`, `hyper_util::client::legacy::Error` and
+//!   `h2::Error`. An axum application has these crates already.
+//! - `tonic`: classify `tonic::Status` and `tonic::transport::Error`.
+//!
+#![doc = include_str!("docs/status_mapping.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 
