@@ -488,4 +488,60 @@ mod tests {
             (Fault::ProxyInternalError, Sent::MaybeProcessed)
         );
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokio_elapsed_is_a_timeout() {
+        let err = tokio::time::timeout(Duration::from_millis(1), std::future::pending::<()>())
+            .await
+            .unwrap_err();
+        assert_eq!(classify(&err).fault(), Fault::HttpResponseTimeout);
+    }
+
+    #[cfg(feature = "hyper")]
+    #[test]
+    fn h2_reasons() {
+        let refused = h2::Error::from(h2::Reason::REFUSED_STREAM);
+        let c = classify(&refused);
+        assert_eq!(
+            (c.fault(), c.sent()),
+            (Fault::ConnectionTerminated, Sent::NotSent)
+        );
+
+        let protocol = h2::Error::from(h2::Reason::PROTOCOL_ERROR);
+        assert_eq!(classify(&protocol).fault(), Fault::HttpProtocolError);
+
+        let cancel = h2::Error::from(h2::Reason::CANCEL);
+        let c = classify(&cancel);
+        assert_eq!(
+            (c.fault(), c.sent()),
+            (Fault::ConnectionTerminated, Sent::MaybeProcessed)
+        );
+
+        // Wrapped, as hyper and clients wrap it.
+        let wrapped = Wrap(
+            "client error",
+            Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)),
+        );
+        assert_eq!(classify(&wrapped).sent(), Sent::NotSent);
+    }
+
+    #[cfg(feature = "tonic")]
+    #[test]
+    fn tonic_status() {
+        let c = classify(&tonic::Status::unavailable("down"));
+        assert_eq!(c.fault(), Fault::ConnectionTerminated);
+        let c = classify(&tonic::Status::deadline_exceeded("slow"));
+        assert_eq!(c.fault(), Fault::HttpResponseTimeout);
+        let c = classify(&tonic::Status::invalid_argument("bad"));
+        assert_eq!(c.fault(), Fault::ProxyInternalError);
+
+        // A status whose source says more is classified by its source.
+        let status =
+            tonic::Status::from_error(Box::new(io::Error::from(io::ErrorKind::ConnectionRefused)));
+        let c = classify(&status);
+        assert_eq!(
+            (c.fault(), c.sent()),
+            (Fault::ConnectionRefused, Sent::NotSent)
+        );
+    }
 }
