@@ -195,6 +195,14 @@ fn timed_out(ctx: &Context) -> Classification {
 
 fn io_error(io: &io::Error, ctx: &mut Context) -> Step {
     use io::ErrorKind as K;
+    // An io::Error may wrap the real cause (a timer, a TLS error, a user's error): when that
+    // says something definite, it wins over the kind.
+    if let Some(inner) = io.get_ref() {
+        let mut inner_ctx = *ctx;
+        if let Some(c) = classify_from(inner, &mut inner_ctx) {
+            return Step::Done(c);
+        }
+    }
     let fault = match io.kind() {
         K::TimedOut => return Step::Done(timed_out(ctx)),
         K::ConnectionRefused => Fault::ConnectionRefused,
@@ -207,8 +215,6 @@ fn io_error(io: &io::Error, ctx: &mut Context) -> Step {
         | K::UnexpectedEof
         | K::NotConnected => Fault::ConnectionTerminated,
         K::InvalidData => Fault::HttpProtocolError,
-        // An io::Error may wrap the real cause (a tokio `Elapsed`, a TLS error): look inside.
-        _ if io.get_ref().is_some() => return Step::Next,
         _ if ctx.dns => Fault::DnsError,
         _ => return Step::Next,
     };
@@ -337,7 +343,6 @@ mod tonic_support {
 }
 
 /// Walks `err`'s chain with a context; `None` where nothing was definite.
-#[cfg(feature = "tonic")]
 fn classify_from(err: &(dyn StdError + 'static), ctx: &mut Context) -> Option<Classification> {
     let mut cur = Some(err);
     while let Some(e) = cur {
@@ -432,6 +437,15 @@ mod tests {
         // An io::Error that wraps a timer is a timeout.
         let err = io::Error::other(crate::timeout::error::Elapsed::new());
         assert_eq!(classify(&err).fault(), Fault::HttpResponseTimeout);
+        // The wrapped cause wins over the io kind.
+        let err = io::Error::new(
+            io::ErrorKind::InvalidData,
+            CircuitOpen::new(Duration::from_secs(1)),
+        );
+        assert_eq!(classify(&err).fault(), Fault::DestinationUnavailable);
+        // Nothing definite inside: the kind decides.
+        let err = io::Error::new(io::ErrorKind::InvalidData, "bad frame");
+        assert_eq!(classify(&err).fault(), Fault::HttpProtocolError);
     }
 
     #[test]
