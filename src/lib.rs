@@ -62,6 +62,8 @@
 //! - `hyper` (default): classify `hyper::Error`, `hyper_util::client::legacy::Error` and
 //!   `h2::Error`. An axum application has these crates already.
 //! - `tonic`: classify `tonic::Status` and `tonic::transport::Error`.
+//! - `rustls`: classify `rustls::Error` (certificate problems as `tls_certificate_error`,
+//!   the rest as `tls_protocol_error`), as hyper-rustls and tokio-rustls report it.
 //!
 #![doc = include_str!("docs/status_mapping.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -109,7 +109,9 @@ enum Step {
 ///   (connect errors, DNS failures, connect timeouts) and `h2::Error` (`REFUSED_STREAM` and a
 ///   peer's `GOAWAY` mean the request was not processed);
 /// - with the `tonic` feature: `tonic::Status` (by code, when its source says nothing
-///   more) and `tonic::transport::Error`.
+///   more) and `tonic::transport::Error`;
+/// - with the `rustls` feature: `rustls::Error` (certificate problems are
+///   `tls_certificate_error`, the rest `tls_protocol_error`).
 ///
 /// An error nothing recognises is [`Fault::ProxyInternalError`], maybe processed, unless it
 /// sits below a connect error, in which case it was not sent.
@@ -179,6 +181,10 @@ fn step(e: &(dyn StdError + 'static), ctx: &mut Context) -> Step {
     if let Some(step) = tonic_support::step(e, ctx) {
         return step;
     }
+    #[cfg(feature = "rustls")]
+    if let Some(err) = e.downcast_ref::<rustls::Error>() {
+        return Step::Done(rustls_error(err, ctx));
+    }
     Step::Next
 }
 
@@ -224,6 +230,34 @@ fn io_error(io: &io::Error, ctx: &mut Context) -> Step {
     } else {
         c
     })
+}
+
+/// TLS failures: the certificate (ours or theirs) was refused, or the handshake or record
+/// layer failed. During connect nothing was sent; after it, the request may have been.
+#[cfg(feature = "rustls")]
+fn rustls_error(err: &rustls::Error, ctx: &Context) -> Classification {
+    use rustls::AlertDescription as A;
+    let fault = match err {
+        rustls::Error::InvalidCertificate(_)
+        | rustls::Error::NoCertificatesPresented
+        | rustls::Error::InvalidCertRevocationList(_)
+        | rustls::Error::AlertReceived(
+            A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::CertificateRequired,
+        ) => Fault::TlsCertificateError,
+        _ => Fault::TlsProtocolError,
+    };
+    let c = Classification::new(fault);
+    if ctx.connect {
+        c
+    } else {
+        c.with_sent(Sent::MaybeProcessed)
+    }
 }
 
 #[cfg(feature = "hyper")]
