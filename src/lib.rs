@@ -3,11 +3,15 @@
 
 pub mod breaker;
 pub mod deadline;
+mod error;
 pub mod fault;
 pub mod grpc;
 pub mod timeout;
 
+pub use deadline::{Deadline, DeadlineLayer, RequestDeadline};
+pub use error::ConfigError;
 pub use fault::{Classification, Classifier, Fault, Sent};
+pub use timeout::{AttemptTimeout, AttemptTimeoutLayer};
 
 /// The error type that travels between layers: any `std::error::Error`, boxed.
 pub use tower::BoxError;
