@@ -24,9 +24,12 @@ fn assert_types() {
     support::assert_send_sync::<Deadline<AttemptTimeout<Inner>>>();
 }
 
-/// What the inner service saw: its deadline's remaining time and its headers.
+/// One call as the inner service saw it: its deadline's remaining time and its headers.
+type Call = (Option<Duration>, HeaderMap);
+
+/// What the inner service saw.
 #[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<(Option<Duration>, HeaderMap)>>>);
+struct Seen(Arc<Mutex<Vec<Call>>>);
 
 impl Seen {
     /// An inner service that records what it sees and then waits for `wait`.
@@ -49,7 +52,7 @@ impl Seen {
         })
     }
 
-    fn last(&self) -> (Option<Duration>, HeaderMap) {
+    fn last(&self) -> Call {
         self.0.lock().unwrap().last().cloned().expect("not called")
     }
 
