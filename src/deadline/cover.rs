@@ -10,6 +10,11 @@
 //!
 //! The answer is given again on every poll, so it is never stale: while a retry sleeps
 //! between attempts (no attempt timeout is polled), the deadline arms its own timer.
+//!
+//! The same thread-local trick saves a clock read: while a `Deadline` calls its inner
+//! service, it [shares](SharedNow) the instant it read, and layers called synchronously below
+//! it (an `AttemptTimeout`, a nested `Deadline`) use that instead of reading the clock again.
+//! An attempt started later (a retry's, from a poll) reads the clock itself.
 
 use std::cell::Cell;
 
@@ -27,6 +32,33 @@ enum Slot {
 
 thread_local! {
     static SLOT: Cell<Slot> = const { Cell::new(Slot::Idle) };
+    static NOW: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Shares a clock reading with the layers called below, for the duration of one `call`.
+pub(crate) struct SharedNow {
+    prev: Option<Instant>,
+}
+
+impl SharedNow {
+    /// Shares `now` until dropped.
+    pub(crate) fn share(now: Instant) -> SharedNow {
+        SharedNow {
+            prev: NOW.with(|n| n.replace(Some(now))),
+        }
+    }
+}
+
+impl Drop for SharedNow {
+    fn drop(&mut self) {
+        NOW.with(|n| n.set(self.prev));
+    }
+}
+
+/// The current instant: the one a layer above shared, if it is calling us right now, or a
+/// fresh clock reading.
+pub(crate) fn now() -> Instant {
+    NOW.with(Cell::get).unwrap_or_else(Instant::now)
 }
 
 /// One question, asked for the duration of one poll. Restores the previous slot when done
@@ -74,6 +106,21 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn shared_now_is_scoped() {
+        let t = Instant::now() - Duration::from_secs(10);
+        {
+            let _outer = SharedNow::share(t);
+            assert_eq!(now(), t);
+            {
+                let _inner = SharedNow::share(t + Duration::from_secs(1));
+                assert_eq!(now(), t + Duration::from_secs(1));
+            }
+            assert_eq!(now(), t);
+        }
+        assert!(now() > t + Duration::from_secs(5));
+    }
 
     #[test]
     fn answers_only_when_in_time_and_asked() {

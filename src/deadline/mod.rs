@@ -309,7 +309,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let now = Instant::now();
+        let now = cover::now();
         let own = self.deadline_of(&req, now);
         let earlier = RequestDeadline::of(&req).map(|d| d.instant());
         let at = match (own, earlier) {
@@ -338,6 +338,7 @@ where
                     .insert(name.clone(), unit.encode(remaining));
             }
         }
+        let _shared = cover::SharedNow::share(now);
         future::ResponseFuture::timed(self.inner.call(req), at)
     }
 }

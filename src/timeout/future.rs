@@ -4,12 +4,13 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::error::Elapsed;
-use crate::deadline::{cover, DeadlineExceeded};
+use crate::deadline::{cover, saturating_add, DeadlineExceeded};
 use crate::BoxError;
 
 pin_project! {
@@ -29,7 +30,9 @@ pin_project! {
         Timed {
             #[pin]
             inner: F,
-            at: Instant,
+            // `Err(timeout)` until the clock is read: the attempt has a deadline of its own
+            // only, which starts when it first has to wait.
+            at: Result<Instant, Duration>,
             by_deadline: bool,
             #[pin]
             sleep: Option<Sleep>,
@@ -43,8 +46,19 @@ impl<F> ResponseFuture<F> {
         ResponseFuture {
             kind: Kind::Timed {
                 inner,
-                at,
+                at: Ok(at),
                 by_deadline,
+                sleep: None,
+            },
+        }
+    }
+
+    pub(super) fn lazy(inner: F, timeout: Duration) -> Self {
+        ResponseFuture {
+            kind: Kind::Timed {
+                inner,
+                at: Err(timeout),
+                by_deadline: false,
                 sleep: None,
             },
         }
@@ -92,8 +106,16 @@ where
                 if let Poll::Ready(res) = inner.poll(cx) {
                     return Poll::Ready(res.map_err(Into::into));
                 }
+                let at = match *at {
+                    Ok(at) => at,
+                    Err(timeout) => {
+                        let start = Instant::now();
+                        *at = Ok(saturating_add(start, timeout));
+                        saturating_add(start, timeout)
+                    }
+                };
                 if sleep.is_none() {
-                    sleep.set(Some(sleep_until(*at)));
+                    sleep.set(Some(sleep_until(at)));
                 }
                 if let Some(sleep) = sleep.as_pin_mut() {
                     if sleep.poll(cx).is_ready() {
@@ -105,7 +127,7 @@ where
                     }
                 }
                 // Armed: a deadline above needs no timer of its own.
-                cover::answer(*at);
+                cover::answer(at);
                 Poll::Pending
             }
             KindProj::Spent => Poll::Ready(Err(DeadlineExceeded::before_start().into())),

@@ -39,6 +39,16 @@
 //! - The inner service's own errors, unchanged (boxed as [`tower::BoxError`]): a connect
 //!   timeout reported by hyper-util's connector stays `connection_timeout`.
 //!
+//! # When the clock starts
+//!
+//! For a request with a deadline, or a gRPC request (whose `grpc-timeout` needs it), the
+//! attempt's clock starts at `call`; called synchronously from a
+//! [`Deadline`](crate::deadline::Deadline)'s `call`, it reuses the clock reading the deadline
+//! just made. Otherwise nothing needs the clock yet, and it is read when the inner future
+//! first returns `Pending`: for clients that do their work in the future (hyper-util's,
+//! tonic's `Channel`) that is the same moment, and an attempt that answers at once reads no
+//! clock and arms no timer.
+//!
 //! # Propagation
 //!
 //! A gRPC request ([`grpc::is_grpc`](crate::grpc::is_grpc)) leaves with a `grpc-timeout` of
@@ -66,10 +76,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Request;
-use tokio::time::Instant;
 use tower_service::Service;
 
-use crate::deadline::{saturating_add, RequestDeadline};
+use crate::deadline::{cover, saturating_add, RequestDeadline};
 use crate::grpc;
 use crate::BoxError;
 
@@ -142,14 +151,20 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let now = Instant::now();
+        let deadline = RequestDeadline::of(&req);
+        let propagate = self.propagate && grpc::is_grpc(req.headers());
+        if deadline.is_none() && !propagate {
+            // Nothing needs the clock yet: it is read if and when the attempt has to wait.
+            return future::ResponseFuture::lazy(self.inner.call(req), self.timeout);
+        }
+        let now = cover::now();
         let attempt_at = saturating_add(now, self.timeout);
-        let (at, by_deadline) = match RequestDeadline::of(&req) {
+        let (at, by_deadline) = match deadline {
             Some(d) if d.instant() <= now => return future::ResponseFuture::spent(),
             Some(d) if d.instant() <= attempt_at => (d.instant(), true),
             _ => (attempt_at, false),
         };
-        if self.propagate && grpc::is_grpc(req.headers()) {
+        if propagate {
             req.headers_mut()
                 .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(at - now));
         }
