@@ -206,6 +206,21 @@ async fn malformed_grpc_timeouts_are_ignored() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn huge_grpc_timeouts_are_capped() {
+    // Header-only configuration: the caller's 11 000 years become 100.
+    let seen = Seen::default();
+    let layer = DeadlineLayer::builder().build().unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(seen.service(Duration::ZERO));
+    svc.oneshot(grpc_request(Some(b"99999999H"))).await.unwrap();
+    let (remaining, headers) = seen.last();
+    let century = Duration::from_secs(100 * 365 * 24 * 3600);
+    assert_eq!(remaining, Some(century));
+    assert_eq!(headers["grpc-timeout"], "52560000M");
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_earlier_deadline_is_kept_a_later_one_is_tightened() {
     let seen = Seen::default();
     let mut svc = Deadline::new(seen.service(Duration::ZERO), Duration::from_secs(5));

@@ -141,6 +141,21 @@ async fn grpc_requests_carry_the_attempts_limit() {
         grpc_timeout(attempt.clone(), with_deadline(Duration::from_millis(50))).await,
         Some("50000000n".into())
     );
+    // A caller's tighter grpc-timeout is kept; a looser one is replaced.
+    let mut req = with_deadline(Duration::from_secs(5));
+    req.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("100m"));
+    assert_eq!(
+        grpc_timeout(attempt.clone(), req).await,
+        Some("100m".into())
+    );
+    let mut req = with_deadline(Duration::from_secs(5));
+    req.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("1M"));
+    assert_eq!(
+        grpc_timeout(attempt.clone(), req).await,
+        Some("250000u".into())
+    );
     // Not gRPC: no header.
     assert_eq!(grpc_timeout(attempt, Request::new(())).await, None);
     // Turned off.

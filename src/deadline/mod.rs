@@ -98,12 +98,16 @@ use crate::BoxError;
 pub use self::error::DeadlineExceeded;
 pub use self::layer::{DeadlineBuilder, DeadlineLayer};
 
-/// How far in the future a deadline "never" is: used instead of overflowing.
+/// How far in the future a deadline "never" is: longer timeouts (a `grpc-timeout` of
+/// `99999999H` is 11 000 years) are capped to it, so no deadline is absurd or overflows.
 const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// `now + timeout`, saturating far in the future for huge durations.
+/// `now + timeout`, with `timeout` capped at 100 years.
 pub(crate) fn saturating_add(now: Instant, timeout: Duration) -> Instant {
-    now.checked_add(timeout).unwrap_or_else(|| now + FAR_FUTURE)
+    let timeout = timeout.min(FAR_FUTURE);
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(now)
 }
 
 /// The instant by which a logical request must have its response head, stored in the
@@ -119,7 +123,7 @@ impl RequestDeadline {
         RequestDeadline { at }
     }
 
-    /// A deadline `timeout` from now (saturating far in the future for huge durations).
+    /// A deadline `timeout` from now (at most 100 years from now).
     pub fn after(timeout: Duration) -> Self {
         RequestDeadline {
             at: saturating_add(Instant::now(), timeout),

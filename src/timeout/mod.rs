@@ -51,9 +51,9 @@
 //!
 //! # Propagation
 //!
-//! A gRPC request ([`grpc::is_grpc`](crate::grpc::is_grpc)) leaves with a `grpc-timeout` of
+//! A gRPC request ([`grpc::is_grpc`]) leaves with a `grpc-timeout` of
 //! this attempt's limit, so the upstream gives up when the gateway does; each retry's attempt
-//! gets a fresh, smaller value.
+//! gets a fresh, smaller value. A tighter `grpc-timeout` already on the request is kept.
 //!
 //! # Response bodies
 //!
@@ -165,8 +165,12 @@ where
             _ => (attempt_at, false),
         };
         if propagate {
-            req.headers_mut()
-                .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(at - now));
+            // Never loosen a caller's tighter `grpc-timeout` (no deadline layer above read it).
+            let limit = at - now;
+            if !grpc::timeout_of(req.headers()).is_some_and(|t| t <= limit) {
+                req.headers_mut()
+                    .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(limit));
+            }
         }
         future::ResponseFuture::new(self.inner.call(req), at, by_deadline)
     }
