@@ -167,7 +167,7 @@ where
         if propagate {
             // Never loosen a caller's tighter `grpc-timeout` (no deadline layer above read it).
             let limit = at - now;
-            if !grpc::timeout_of(req.headers()).is_some_and(|t| t <= limit) {
+            if grpc::timeout_of(req.headers()).is_none_or(|t| t > limit) {
                 req.headers_mut()
                     .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(limit));
             }
