@@ -17,7 +17,10 @@ pin_project! {
     ///
     /// Arms no timer until the inner future has returned `Pending`, and none at all while a
     /// timer below (an [`AttemptTimeout`](crate::timeout::AttemptTimeout)) will wake the
-    /// request by its deadline.
+    /// request by its deadline. Its own timer, when it needs one, is boxed: that keeps the
+    /// future small in the common stack (deadline over attempt timeout), where it is never
+    /// needed, at the cost of one allocation per request for a deadline used without an
+    /// attempt timeout below it.
     pub struct ResponseFuture<F> {
         #[pin]
         kind: Kind<F>,
@@ -31,8 +34,9 @@ pin_project! {
             #[pin]
             inner: F,
             at: Instant,
-            #[pin]
-            sleep: Option<Sleep>,
+            // Boxed: needed only while no timer below covers the deadline (a retry's
+            // back-off, no attempt timeout), so the common future stays small.
+            sleep: Option<Pin<Box<Sleep>>>,
         },
         Untimed {
             #[pin]
@@ -87,11 +91,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Timed {
-                inner,
-                at,
-                mut sleep,
-            } => {
+            KindProj::Timed { inner, at, sleep } => {
                 let at = *at;
                 let ask = cover::Ask::start(at);
                 let res = inner.poll(cx);
@@ -100,10 +100,10 @@ where
                     return Poll::Ready(res.map_err(Into::into));
                 }
                 if !covered && sleep.is_none() {
-                    sleep.set(Some(sleep_until(at)));
+                    *sleep = Some(Box::pin(sleep_until(at)));
                 }
-                if let Some(sleep) = sleep.as_pin_mut() {
-                    if sleep.poll(cx).is_ready() {
+                if let Some(sleep) = sleep {
+                    if sleep.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Err(DeadlineExceeded::in_flight().into()));
                     }
                 }
