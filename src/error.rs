@@ -31,7 +31,7 @@ impl ConfigError {
     }
 
     /// The configuration field that is wrong, as `layer.field`.
-    pub fn field(&self) -> &'static str {
+    pub fn field(&self) -> &str {
         self.field
     }
 

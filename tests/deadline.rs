@@ -1,5 +1,6 @@
 //! The deadline layer: alone, with mocks, and in front of a real client and upstream.
 
+#[path = "support/upstreams.rs"]
 mod support;
 
 use std::future::pending;

@@ -1,5 +1,6 @@
 //! The attempt timeout and the response-body idle timeout.
 
+#[path = "support/upstreams.rs"]
 mod support;
 
 use std::future::pending;

@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: real upstreams on 127.0.0.1 and a way to keep
-//! paused time still until a request has really reached the upstream.
+//! Helpers for the deadline and timeout tests: real upstreams on 127.0.0.1 and a way to keep
+//! paused time still until a request has really reached the upstream. (Included with
+//! `#[path]`, beside the shared `support/mod.rs` of other tests.)
 #![allow(dead_code, unreachable_pub)]
 
 use std::convert::Infallible;
