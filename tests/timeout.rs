@@ -274,6 +274,37 @@ async fn connect_timeout_still_classifies_through_the_layers() {
     drop((fillers, listener));
 }
 
+/// A resolver that times out (as a user's resolver with its own timeout does) stays
+/// `dns_timeout` (not sent) through the layers.
+#[tokio::test(start_paused = true)]
+async fn dns_timeout_still_classifies_through_the_layers() {
+    use hyper_util::client::legacy::connect::dns::Name;
+    let resolver = service_fn(|_: Name| async {
+        tokio::time::timeout(Duration::from_millis(50), pending::<()>()).await?;
+        Ok::<_, BoxError>(std::iter::empty::<std::net::SocketAddr>())
+    });
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(resolver);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, http_body_util::Empty<Bytes>>(connector);
+    let svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_secs(5)))
+        .layer(AttemptTimeoutLayer::new(Duration::from_secs(1)))
+        .service(client);
+    let start = Instant::now();
+    let req = Request::builder()
+        .uri("http://upstream.invalid/")
+        .body(Default::default())
+        .unwrap();
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_millis(50), "{err:?}");
+    let c = classify(&*err);
+    assert_eq!(
+        (c.fault(), c.sent()),
+        (Fault::DnsTimeout, Sent::NotSent),
+        "{err:?}"
+    );
+}
+
 // The response-body idle timeout.
 
 type Frames = std::pin::Pin<
