@@ -53,8 +53,10 @@
 //!
 //! - [`fault`]: the taxonomy and the one classifier every layer uses.
 //! - [`map_faults`]: the outermost layer, turning every fault into the right answer.
-//! - [`deadline`], [`timeout`], [`breaker`]: the request deadline, attempt timeouts and the
-//!   circuit breaker (their errors are classified already; the layers grow in later releases).
+//! - [`deadline`]: the request's overall deadline ([`Deadline`]), capped by an incoming
+//!   `grpc-timeout`, and propagated.
+//! - [`timeout`]: per-attempt timeouts ([`AttemptTimeout`]) and a response-body idle timeout.
+//! - [`breaker`]: the circuit breaker's error (the layer lands in a later release).
 //! - [`grpc`]: gRPC status codes and detection.
 //!
 //! # Feature flags
@@ -77,9 +79,11 @@ pub mod grpc;
 pub mod map_faults;
 pub mod timeout;
 
+pub use deadline::{Deadline, DeadlineLayer, RequestDeadline};
 pub use error::ConfigError;
 pub use fault::{Classification, Classifier, Fault, Sent};
 pub use map_faults::{MapFaults, MapFaultsLayer};
+pub use timeout::{AttemptTimeout, AttemptTimeoutLayer};
 
 /// The error type that travels between layers: any `std::error::Error`, boxed.
 pub use tower::BoxError;

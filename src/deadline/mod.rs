@@ -1,9 +1,43 @@
 //! Request deadlines: how much time a whole logical request has left.
 //!
-//! A [`RequestDeadline`] lives in the request's extensions. Every layer below the one that
-//! set it reads it: a retry does not start an attempt or a back-off sleep that cannot finish
-//! in time, an attempt timeout uses `min(per-attempt, remaining)`, and outgoing gRPC calls
-//! carry the remaining time as `grpc-timeout`.
+//! [`DeadlineLayer`] gives every request an overall deadline: its configured timeout, capped
+//! by the caller's `grpc-timeout` and (if configured) a header such as `request-timeout`, and
+//! by any earlier deadline already on the request. It stores the deadline as a
+//! [`RequestDeadline`] in the request's extensions, tells a gRPC upstream how long it has
+//! (`grpc-timeout`), and fails the request with [`DeadlineExceeded`] when no response head
+//! arrived in time.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_upstream::deadline::{DeadlineLayer, RequestDeadline};
+//! use tower_upstream::fault::{classify, Fault};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let layer = DeadlineLayer::builder()
+//!     .timeout(Duration::from_secs(5))
+//!     .header("request-timeout", tower_upstream::deadline::HeaderUnit::Seconds)
+//!     .build()?;
+//! let svc = ServiceBuilder::new().layer(layer).service(service_fn(
+//!     |req: http::Request<()>| async move {
+//!         // Layers and handlers below see the deadline.
+//!         let left = RequestDeadline::of(&req).unwrap().remaining();
+//!         assert_eq!(left, Duration::from_secs(2));
+//!         tokio::time::sleep(Duration::from_secs(10)).await; // a slow upstream
+//!         Ok::<_, tower::BoxError>(http::Response::new(()))
+//!     },
+//! ));
+//!
+//! let req = http::Request::builder().header("request-timeout", "2").body(())?;
+//! let err = svc.oneshot(req).await.unwrap_err();
+//! assert_eq!(err.to_string(), "request deadline exceeded");
+//! assert_eq!(classify(&*err).fault(), Fault::HttpResponseTimeout); // 504
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A [`RequestDeadline`] can also be set and read by hand:
 //!
 //! ```
 //! use std::time::Duration;
@@ -19,12 +53,62 @@
 //! assert_eq!(deadline.remaining(), Duration::from_millis(1500));
 //! # }
 //! ```
+//!
+//! # Errors
+//!
+//! - [`DeadlineExceeded::before_start()`] when the deadline was already spent when the
+//!   request arrived (a `grpc-timeout: 0n`, an earlier layer's deadline): the inner service is
+//!   not called.
+//! - [`DeadlineExceeded::in_flight()`] when it passed before the inner service answered.
+//! - The inner service's own errors, unchanged (boxed as [`tower::BoxError`]).
+//!
+//! Both classify as [`Fault::HttpResponseTimeout`](crate::fault::Fault::HttpResponseTimeout):
+//! 504 / `DEADLINE_EXCEEDED`.
+//!
+//! # Ordering
+//!
+//! Put the deadline outside the retry and an
+//! [`AttemptTimeout`](crate::timeout::AttemptTimeout) innermost (see the design's stack:
+//! `MapFaults → Deadline → … → Retry → CircuitBreaker → AttemptTimeout → client`). The attempt
+//! timeout then enforces `min(per-attempt, remaining)` and returns `DeadlineExceeded` itself
+//! when the deadline is what ran out; the deadline notices that a timer below it will wake
+//! the request in time and arms no timer of its own, so the pair costs one timer per attempt.
+//! The deadline's own timer exists only while nothing below would wake it in time (a retry's
+//! back-off, a service without an attempt timeout), and is created only once the inner future
+//! has returned `Pending`.
 
 pub mod error;
+pub mod future;
+mod layer;
 
+pub(crate) mod cover;
+
+use std::fmt;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::header::HeaderName;
+use http::{HeaderValue, Request};
 use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::grpc;
+use crate::BoxError;
+
+pub use self::error::DeadlineExceeded;
+pub use self::layer::{DeadlineBuilder, DeadlineLayer};
+
+/// How far in the future a deadline "never" is: longer timeouts (a `grpc-timeout` of
+/// `99999999H` is 11 000 years) are capped to it, so no deadline is absurd or overflows.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `now + timeout`, with `timeout` capped at 100 years.
+pub(crate) fn saturating_add(now: Instant, timeout: Duration) -> Instant {
+    let timeout = timeout.min(FAR_FUTURE);
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(now)
+}
 
 /// The instant by which a logical request must have its response head, stored in the
 /// request's extensions.
@@ -39,13 +123,11 @@ impl RequestDeadline {
         RequestDeadline { at }
     }
 
-    /// A deadline `timeout` from now (saturating far in the future for huge durations).
+    /// A deadline `timeout` from now (at most 100 years from now).
     pub fn after(timeout: Duration) -> Self {
-        let now = Instant::now();
-        let at = now
-            .checked_add(timeout)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
-        RequestDeadline { at }
+        RequestDeadline {
+            at: saturating_add(Instant::now(), timeout),
+        }
     }
 
     /// The instant the deadline falls on.
@@ -75,5 +157,192 @@ impl RequestDeadline {
         } else {
             self
         }
+    }
+}
+
+/// The unit of a configured deadline header's value (see [`DeadlineBuilder::header`]).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HeaderUnit {
+    /// Whole seconds, like `request-timeout: 5`.
+    Seconds,
+    /// Whole milliseconds, like Envoy's `x-envoy-upstream-rq-timeout-ms: 5000`.
+    Milliseconds,
+}
+
+impl HeaderUnit {
+    /// Parses a header value strictly: 1 to 9 ASCII digits, nothing else.
+    fn parse(self, value: &HeaderValue) -> Option<Duration> {
+        let digits = value.as_bytes();
+        if digits.is_empty() || digits.len() > 9 || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = digits
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        Some(match self {
+            HeaderUnit::Seconds => Duration::from_secs(n),
+            HeaderUnit::Milliseconds => Duration::from_millis(n),
+        })
+    }
+
+    /// Encodes a remaining time, rounded up to the unit (an upstream told "0" would give up
+    /// at once while the gateway still waits).
+    fn encode(self, remaining: Duration) -> HeaderValue {
+        let n = match self {
+            HeaderUnit::Seconds => remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0),
+            HeaderUnit::Milliseconds => {
+                let ms =
+                    remaining.as_millis() + u128::from(remaining.subsec_nanos() % 1_000_000 > 0);
+                u64::try_from(ms).unwrap_or(u64::MAX)
+            }
+        };
+        HeaderValue::from(n.min(999_999_999))
+    }
+}
+
+/// What a [`Deadline`] does; made by [`DeadlineBuilder`].
+#[derive(Clone, Debug)]
+struct Config {
+    timeout: Option<Duration>,
+    grpc_timeout: bool,
+    header: Option<(HeaderName, HeaderUnit)>,
+    propagate: bool,
+}
+
+impl Config {
+    fn new(timeout: Duration) -> Self {
+        Config {
+            timeout: Some(timeout),
+            grpc_timeout: true,
+            header: None,
+            propagate: true,
+        }
+    }
+}
+
+/// Gives each request an overall deadline and fails it with [`DeadlineExceeded`] when no
+/// response head arrived in time. See the [module docs](self).
+#[derive(Clone)]
+pub struct Deadline<S> {
+    inner: S,
+    config: Config,
+}
+
+impl<S> Deadline<S> {
+    /// Wraps `inner` with a deadline of `timeout` (capped by an incoming `grpc-timeout`,
+    /// propagated to gRPC upstreams). A zero `timeout` fails every request at once;
+    /// [`DeadlineLayer::builder`] rejects it instead.
+    pub fn new(inner: S, timeout: Duration) -> Self {
+        Deadline {
+            inner,
+            config: Config::new(timeout),
+        }
+    }
+
+    /// A layer that wraps services in a `Deadline` of `timeout`; see [`Deadline::new`].
+    pub fn layer(timeout: Duration) -> DeadlineLayer {
+        DeadlineLayer::new(timeout)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The deadline this layer gives a request (before any earlier one is considered), if any.
+    fn deadline_of<B>(&self, req: &Request<B>, now: Instant) -> Option<Instant> {
+        let config = &self.config;
+        let mut at = config.timeout.map(|t| saturating_add(now, t));
+        let mut cap = |t: Duration| {
+            let t = saturating_add(now, t);
+            at = Some(at.map_or(t, |at| at.min(t)));
+        };
+        if config.grpc_timeout {
+            if let Some(t) = grpc::timeout_of(req.headers()) {
+                cap(t);
+            }
+        }
+        if let Some((name, unit)) = &config.header {
+            if let Some(value) = req.headers().get(name) {
+                match unit.parse(value) {
+                    Some(t) => cap(t),
+                    None => {
+                        tracing::debug!(header = %name, ?value, "ignoring malformed timeout header")
+                    }
+                }
+            }
+        }
+        at
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Deadline<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deadline")
+            .field("inner", &self.inner)
+            .field("timeout", &self.config.timeout)
+            .field("grpc_timeout", &self.config.grpc_timeout)
+            .field("header", &self.config.header)
+            .field("propagate", &self.config.propagate)
+            .finish()
+    }
+}
+
+impl<S, B> Service<Request<B>> for Deadline<S>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = future::ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let now = cover::now();
+        let own = self.deadline_of(&req, now);
+        let earlier = RequestDeadline::of(&req).map(|d| d.instant());
+        let at = match (own, earlier) {
+            (None, None) => return future::ResponseFuture::untimed(self.inner.call(req)),
+            (Some(at), None) => {
+                req.extensions_mut().insert(RequestDeadline::at(at));
+                at
+            }
+            (Some(at), Some(earlier)) if at < earlier => {
+                req.extensions_mut().insert(RequestDeadline::at(at));
+                at
+            }
+            (_, Some(earlier)) => earlier,
+        };
+        if at <= now {
+            return future::ResponseFuture::spent();
+        }
+        if self.config.propagate {
+            let remaining = at - now;
+            if grpc::is_grpc(req.headers()) {
+                req.headers_mut()
+                    .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(remaining));
+            }
+            if let Some((name, unit)) = &self.config.header {
+                req.headers_mut()
+                    .insert(name.clone(), unit.encode(remaining));
+            }
+        }
+        let _shared = cover::SharedNow::share(now);
+        future::ResponseFuture::timed(self.inner.call(req), at)
     }
 }

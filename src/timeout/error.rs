@@ -2,7 +2,8 @@
 
 use std::fmt;
 
-/// One attempt got no response head in time.
+/// One attempt got no response head in time, or (from a
+/// [`TimeoutBody`](super::body::TimeoutBody)) a response body waited too long for a frame.
 ///
 /// Classified as [`Fault::HttpResponseTimeout`](crate::fault::Fault::HttpResponseTimeout):
 /// 504 / `DEADLINE_EXCEEDED`, maybe processed.

@@ -1,0 +1,145 @@
+//! How a deadline learns that a timer below it will wake the task in time.
+//!
+//! A [`Deadline`](super::Deadline) needs *something* to wake its task when the deadline
+//! passes. An [`AttemptTimeout`](crate::timeout::AttemptTimeout) below it already arms a
+//! timer at `min(per-attempt, remaining)`, which is never later than the deadline; a second
+//! timer would only add cost. So, for the duration of one `poll` of its inner future, the
+//! deadline *asks* (a thread-local slot holds the instant it must be woken by), and any timer
+//! polled below it, on this thread, in this poll, that is armed no later than that instant
+//! *answers*. If nothing answered, the deadline arms its own timer (lazily, once).
+//!
+//! The answer is given again on every poll, so it is never stale: while a retry sleeps
+//! between attempts (no attempt timeout is polled), the deadline arms its own timer.
+//!
+//! The same thread-local trick saves a clock read: while a `Deadline` calls its inner
+//! service, it [shares](SharedNow) the instant it read, and layers called synchronously below
+//! it (an `AttemptTimeout`, a nested `Deadline`) use that instead of reading the clock again.
+//! An attempt started later (a retry's, from a poll) reads the clock itself.
+
+use std::cell::Cell;
+
+use tokio::time::Instant;
+
+#[derive(Clone, Copy)]
+enum Slot {
+    /// Nobody is asking.
+    Idle,
+    /// A deadline must be woken by this instant.
+    Wanted(Instant),
+    /// A timer armed no later than the wanted instant was polled.
+    Covered,
+}
+
+thread_local! {
+    static SLOT: Cell<Slot> = const { Cell::new(Slot::Idle) };
+    static NOW: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Shares a clock reading with the layers called below, for the duration of one `call`.
+pub(crate) struct SharedNow {
+    prev: Option<Instant>,
+}
+
+impl SharedNow {
+    /// Shares `now` until dropped.
+    pub(crate) fn share(now: Instant) -> SharedNow {
+        SharedNow {
+            prev: NOW.with(|n| n.replace(Some(now))),
+        }
+    }
+}
+
+impl Drop for SharedNow {
+    fn drop(&mut self) {
+        NOW.with(|n| n.set(self.prev));
+    }
+}
+
+/// The current instant: the one a layer above shared, if it is calling us right now, or a
+/// fresh clock reading.
+pub(crate) fn now() -> Instant {
+    NOW.with(Cell::get).unwrap_or_else(Instant::now)
+}
+
+/// One question, asked for the duration of one poll. Restores the previous slot when done
+/// (or dropped by a panic), so nested deadlines each get their own answer.
+pub(crate) struct Ask {
+    prev: Option<Slot>,
+}
+
+impl Ask {
+    /// Starts asking for a wake-up no later than `at`.
+    pub(crate) fn start(at: Instant) -> Ask {
+        let prev = SLOT.with(|s| s.replace(Slot::Wanted(at)));
+        Ask { prev: Some(prev) }
+    }
+
+    /// Stops asking; whether a timer below answered.
+    pub(crate) fn finish(mut self) -> bool {
+        let prev = self.prev.take().unwrap_or(Slot::Idle);
+        matches!(SLOT.with(|s| s.replace(prev)), Slot::Covered)
+    }
+}
+
+impl Drop for Ask {
+    fn drop(&mut self) {
+        if let Some(prev) = self.prev.take() {
+            SLOT.with(|s| s.set(prev));
+        }
+    }
+}
+
+/// Tells a deadline above (if one is asking) that this task will be woken by `at`: call it
+/// only after polling a timer armed at `at` that returned `Pending`.
+pub(crate) fn answer(at: Instant) {
+    SLOT.with(|s| {
+        if let Slot::Wanted(wanted) = s.get() {
+            if at <= wanted {
+                s.set(Slot::Covered);
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn shared_now_is_scoped() {
+        let t = Instant::now() - Duration::from_secs(10);
+        {
+            let _outer = SharedNow::share(t);
+            assert_eq!(now(), t);
+            {
+                let _inner = SharedNow::share(t + Duration::from_secs(1));
+                assert_eq!(now(), t + Duration::from_secs(1));
+            }
+            assert_eq!(now(), t);
+        }
+        assert!(now() > t + Duration::from_secs(5));
+    }
+
+    #[test]
+    fn answers_only_when_in_time_and_asked() {
+        let now = Instant::now();
+        let at = now + Duration::from_secs(1);
+        answer(now); // nobody asks: no effect
+        let ask = Ask::start(at);
+        answer(at + Duration::from_nanos(1)); // too late
+        assert!(!ask.finish());
+        let ask = Ask::start(at);
+        answer(at);
+        assert!(ask.finish());
+
+        // Nested: the inner question is answered by a timer in time for it, which in turn
+        // answers the outer one.
+        let outer = Ask::start(at);
+        let inner = Ask::start(now + Duration::from_millis(10));
+        answer(now + Duration::from_millis(5));
+        assert!(inner.finish());
+        assert!(!outer.finish());
+    }
+}

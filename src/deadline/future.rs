@@ -1,0 +1,118 @@
+//! The [`Deadline`](super::Deadline) response future.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
+use tokio::time::{sleep_until, Instant, Sleep};
+
+use super::cover;
+use super::error::DeadlineExceeded;
+use crate::BoxError;
+
+pin_project! {
+    /// Response future of [`Deadline`](super::Deadline).
+    ///
+    /// Arms no timer until the inner future has returned `Pending`, and none at all while a
+    /// timer below (an [`AttemptTimeout`](crate::timeout::AttemptTimeout)) will wake the
+    /// request by its deadline. Its own timer, when it needs one, is boxed: that keeps the
+    /// future small in the common stack (deadline over attempt timeout), where it is never
+    /// needed, at the cost of one allocation per request for a deadline used without an
+    /// attempt timeout below it.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        kind: Kind<F>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F> {
+        Timed {
+            #[pin]
+            inner: F,
+            at: Instant,
+            // Boxed: needed only while no timer below covers the deadline (a retry's
+            // back-off, no attempt timeout), so the common future stays small.
+            sleep: Option<Pin<Box<Sleep>>>,
+        },
+        Untimed {
+            #[pin]
+            inner: F,
+        },
+        Spent,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    pub(super) fn timed(inner: F, at: Instant) -> Self {
+        ResponseFuture {
+            kind: Kind::Timed {
+                inner,
+                at,
+                sleep: None,
+            },
+        }
+    }
+
+    pub(super) fn untimed(inner: F) -> Self {
+        ResponseFuture {
+            kind: Kind::Untimed { inner },
+        }
+    }
+
+    pub(super) fn spent() -> Self {
+        ResponseFuture { kind: Kind::Spent }
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("ResponseFuture");
+        match &self.kind {
+            Kind::Timed { at, sleep, .. } => {
+                d.field("deadline", at).field("own_timer", &sleep.is_some())
+            }
+            Kind::Untimed { .. } => d.field("deadline", &None::<Instant>),
+            Kind::Spent => d.field("spent", &true),
+        };
+        d.finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Timed { inner, at, sleep } => {
+                let at = *at;
+                let ask = cover::Ask::start(at);
+                let res = inner.poll(cx);
+                let covered = ask.finish();
+                if let Poll::Ready(res) = res {
+                    return Poll::Ready(res.map_err(Into::into));
+                }
+                if !covered && sleep.is_none() {
+                    *sleep = Some(Box::pin(sleep_until(at)));
+                }
+                if let Some(sleep) = sleep {
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(DeadlineExceeded::in_flight().into()));
+                    }
+                }
+                // This task will be woken by `at`: tell a deadline above, if one asks.
+                cover::answer(at);
+                Poll::Pending
+            }
+            KindProj::Untimed { inner } => inner.poll(cx).map_err(Into::into),
+            KindProj::Spent => Poll::Ready(Err(DeadlineExceeded::before_start().into())),
+        }
+    }
+}
