@@ -5,8 +5,9 @@
 //! cargo run --example demo
 //! ```
 //!
-//! The upstream misbehaves per path (refuses, resets, sends garbage, truncates…); the
-//! gateway is an axum app whose proxy route wraps a hyper-util client in `MapFaults`. The
+//! The upstream misbehaves per path (refuses, resets, sends garbage, hangs, truncates…); the
+//! gateway is an axum app whose proxy route wraps a hyper-util client in `MapFaults`, a
+//! 1 s request deadline and a 250 ms attempt timeout. The
 //! demo prints, for every case, what the gateway's client saw, and exits non-zero if any
 //! answer differs from the status table.
 
@@ -25,8 +26,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tower::{service_fn, BoxError, Layer};
+use tower::{service_fn, BoxError, ServiceBuilder};
 use tower_upstream::map_faults::MapFaultsLayer;
+use tower_upstream::{AttemptTimeoutLayer, DeadlineLayer};
 
 type Body = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -47,6 +49,15 @@ async fn misbehave(mut stream: TcpStream) {
             return;
         }
         "/close" => Vec::new(),
+        "/hang" => {
+            // Read the request, then never answer (hold the connection open a while).
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            return;
+        }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nslow\n".to_vec()
+        }
         "/garbage" => b"\x16\x03\x01 this is not HTTP\r\n\r\n".to_vec(),
         "/http09" => b"<html>no status line</html>\n".to_vec(),
         "/bad-length" => b"HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\nhello".to_vec(),
@@ -139,8 +150,13 @@ async fn start_gateway(
         }
     });
 
-    let layers = MapFaultsLayer::builder().gateway_name("demo-gw").build()?;
-    let app = Router::new().fallback_service(layers.layer(proxy));
+    // Outermost first: answer faults, give each request 1 s in all, each attempt 250 ms.
+    let stack = ServiceBuilder::new()
+        .layer(MapFaultsLayer::builder().gateway_name("demo-gw").build()?)
+        .layer(DeadlineLayer::new(Duration::from_secs(1)))
+        .layer(AttemptTimeoutLayer::new(Duration::from_millis(250)))
+        .service(proxy);
+    let app = Router::new().fallback_service(stack);
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -211,6 +227,16 @@ const CASES: &[Case] = &[
         path: "/huge-head",
         fault: "128 KiB of headers",
         expect: StatusCode::BAD_GATEWAY,
+    },
+    Case {
+        path: "/slow",
+        fault: "answers in 120 ms",
+        expect: StatusCode::OK,
+    },
+    Case {
+        path: "/hang",
+        fault: "never answers",
+        expect: StatusCode::GATEWAY_TIMEOUT,
     },
     Case {
         path: "/truncated",

@@ -15,7 +15,12 @@ use tower_upstream::{AttemptTimeoutLayer, DeadlineLayer};
 async fn hanging_upstream_answers_504_at_the_deadline() {
     let (addr, seen) = support::hanging_upstream().await;
     let gateway = ServiceBuilder::new()
-        .layer(MapFaultsLayer::builder().gateway_name("gw").build().unwrap())
+        .layer(
+            MapFaultsLayer::builder()
+                .gateway_name("gw")
+                .build()
+                .unwrap(),
+        )
         .layer(DeadlineLayer::new(Duration::from_millis(300)))
         .layer(AttemptTimeoutLayer::new(Duration::from_secs(10)))
         .service(support::client());
@@ -28,7 +33,10 @@ async fn hanging_upstream_answers_504_at_the_deadline() {
     assert_eq!(start.elapsed(), Duration::from_millis(300));
     hold.await.unwrap();
     assert_eq!(res.status(), 504);
-    assert_eq!(res.headers()["proxy-status"], "gw; error=http_response_timeout");
+    assert_eq!(
+        res.headers()["proxy-status"],
+        "gw; error=http_response_timeout"
+    );
 }
 
 #[tokio::test(start_paused = true)]
