@@ -3,11 +3,15 @@
 
 pub mod breaker;
 pub mod deadline;
+mod error;
 pub mod fault;
 pub mod grpc;
+pub mod retry;
 pub mod timeout;
 
+pub use error::ConfigError;
 pub use fault::{Classification, Classifier, Fault, Sent};
+pub use retry::{Retry, RetryBudget, RetryLayer};
 
 /// The error type that travels between layers: any `std::error::Error`, boxed.
 pub use tower::BoxError;
