@@ -52,7 +52,8 @@ pin_project! {
     #[project = StageProj]
     enum Stage<F> {
         Calling { #[pin] fut: F },
-        Sleeping { #[pin] sleep: Sleep },
+        // Boxed: only retries that wait pay for it, and the future stays small to move.
+        Sleeping { sleep: Pin<Box<Sleep>> },
         Ready,
     }
 }
@@ -98,10 +99,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Once { fut } => {
-                let res = ready!(fut.poll(cx)).map_err(Into::into);
-                Poll::Ready(finish(res, 1))
-            }
+            KindProj::Once { fut } => Poll::Ready(ready!(fut.poll(cx)).map_err(Into::into)),
             KindProj::Retrying { mut stage, ctx } => loop {
                 match stage.as_mut().project() {
                     StageProj::Calling { fut } => {
@@ -114,14 +112,14 @@ where
                                     stage.set(Stage::Ready);
                                 } else {
                                     stage.set(Stage::Sleeping {
-                                        sleep: tokio::time::sleep(delay),
+                                        sleep: Box::pin(tokio::time::sleep(delay)),
                                     });
                                 }
                             }
                         }
                     }
                     StageProj::Sleeping { sleep } => {
-                        ready!(sleep.poll(cx));
+                        ready!(sleep.as_mut().poll(cx));
                         stage.set(Stage::Ready);
                     }
                     StageProj::Ready => {
@@ -139,12 +137,16 @@ where
     }
 }
 
+/// Marks a response that took more than one attempt (inserting an extension allocates, so
+/// the first-attempt happy path does not).
 fn finish<ResB>(
     res: Result<Response<ResB>, BoxError>,
     attempts: u32,
 ) -> Result<Response<ResB>, BoxError> {
     res.map(|mut r| {
-        r.extensions_mut().insert(Attempts(attempts));
+        if attempts > 1 {
+            r.extensions_mut().insert(Attempts(attempts));
+        }
         r
     })
 }

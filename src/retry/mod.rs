@@ -77,8 +77,8 @@
 //!
 //! Each retry emits a `DEBUG` tracing event with the attempt number, the fault name (or
 //! status) and the delay; giving up for the budget, the deadline, an over-long
-//! `Retry-After` or an unreplayable body emits one too. The final response carries an
-//! [`Attempts`] extension.
+//! `Retry-After` or an unreplayable body emits one too. A final response that took more
+//! than one attempt carries an [`Attempts`] extension ([`Attempts::of`] reads it).
 //!
 //! # Ordering
 //!
@@ -114,9 +114,27 @@ use self::replay::State;
 use crate::deadline::RequestDeadline;
 use crate::fault::Classifier;
 
-/// How many attempts the request took, in the final response's extensions.
+/// How many attempts a request took, in the final response's extensions when it took more
+/// than one (inserting an extension allocates, so the first-attempt happy path does not);
+/// [`Attempts::of`] reads it, absent meaning one.
+///
+/// ```
+/// use tower_upstream::retry::Attempts;
+///
+/// let mut rsp = http::Response::new(());
+/// assert_eq!(Attempts::of(&rsp), 1);
+/// rsp.extensions_mut().insert(Attempts(3));
+/// assert_eq!(Attempts::of(&rsp), 3);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Attempts(pub u32);
+
+impl Attempts {
+    /// Attempts a response took: its `Attempts` extension, or 1 if it has none.
+    pub fn of<B>(response: &Response<B>) -> u32 {
+        response.extensions().get::<Attempts>().map_or(1, |a| a.0)
+    }
+}
 
 pub(crate) struct Config<P> {
     pub(crate) policy: P,

@@ -158,7 +158,7 @@ where
             Kind::Passthrough { body } => body.size_hint(),
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Replay { replay } => {
-                let hint = lock(&replay.shared).hint.clone();
+                let hint = lock(&replay.shared).hint;
                 let mut out = SizeHint::new();
                 out.set_lower(hint.lower().saturating_sub(replay.sent));
                 if let Some(upper) = hint.upper() {
