@@ -27,10 +27,7 @@ use tower_upstream::{RetryBudget, RetryLayer};
 use support::{closed_addr, ok, status, Action, Upstream};
 
 fn attempts<B>(rsp: &Response<B>) -> u32 {
-    rsp.extensions()
-        .get::<Attempts>()
-        .expect("Attempts extension")
-        .0
+    Attempts::of(rsp)
 }
 
 fn client<B>() -> Client<hyper_util::client::legacy::connect::HttpConnector, ReplayBody<B>>

@@ -65,8 +65,8 @@ pub(crate) struct Ctx<S, P, B> {
     /// The recorded body; `None` when the body was empty.
     pub(crate) replay: Option<Arc<Mutex<State<B>>>>,
     pub(crate) attempts: u32,
-    pub(crate) prev_delay: Duration,
-    pub(crate) deadline: Option<RequestDeadline>,
+    /// The previous backoff, in nanoseconds (for decorrelated jitter).
+    pub(crate) prev_delay_ns: u64,
 }
 
 impl<S, P, B> ResponseFuture<S, P, B>
@@ -104,6 +104,9 @@ where
                 match stage.as_mut().project() {
                     StageProj::Calling { fut } => {
                         let res = ready!(fut.poll(cx)).map_err(Into::into);
+                        if ctx.attempts >= ctx.config.max_attempts {
+                            return Poll::Ready(finish(res, ctx.attempts));
+                        }
                         match ctx.decide(&res) {
                             None => return Poll::Ready(finish(res, ctx.attempts)),
                             Some(delay) => {
@@ -210,9 +213,12 @@ impl<S, P: Policy, B> Ctx<S, P, B> {
                 return None;
             }
             Pushback::After(d) => d,
-            Pushback::None => cfg.backoff.delay(self.attempts, self.prev_delay),
+            Pushback::None => cfg
+                .backoff
+                .delay(self.attempts, Duration::from_nanos(self.prev_delay_ns)),
         };
-        if let Some(deadline) = self.deadline {
+        // Read here, not kept in the future: only a retry decision needs it.
+        if let Some(deadline) = self.head.extensions.get::<RequestDeadline>() {
             if deadline.remaining() <= delay {
                 tracing::debug!(attempt = self.attempts, outcome = %what, "deadline leaves no time for another attempt");
                 return None;
@@ -222,7 +228,7 @@ impl<S, P: Policy, B> Ctx<S, P, B> {
             tracing::debug!(attempt = self.attempts, outcome = %what, "retry budget exhausted");
             return None;
         }
-        self.prev_delay = delay;
+        self.prev_delay_ns = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
         tracing::debug!(
             attempt = self.attempts + 1,
             outcome = %what,

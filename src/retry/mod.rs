@@ -85,6 +85,8 @@
 //! Inside the deadline layer (so backoffs never outlive the deadline) and outside the
 //! circuit breaker and the attempt timeout (so each attempt is one breaker sample and has its
 //! own timeout). See the crate's design notes.
+//!
+//! [`RequestDeadline`]: crate::deadline::RequestDeadline
 
 mod backoff;
 mod budget;
@@ -111,7 +113,6 @@ pub use self::replay::ReplayBody;
 
 use self::future::{Ctx, ResponseFuture};
 use self::replay::State;
-use crate::deadline::RequestDeadline;
 use crate::fault::Classifier;
 
 /// How many attempts a request took, in the final response's extensions when it took more
@@ -252,7 +253,6 @@ where
             let shared = State::new(body, cfg.body_limit);
             (ReplayBody::replay(&shared), Some(shared))
         };
-        let deadline = head.extensions.get::<RequestDeadline>().copied();
         // Call the service that was polled ready; keep a clone for later attempts (it is
         // polled ready again before each of them).
         let fut = self.inner.call(Request::from_parts(parts, first));
@@ -265,8 +265,7 @@ where
                 head,
                 replay,
                 attempts: 1,
-                prev_delay: Duration::ZERO,
-                deadline,
+                prev_delay_ns: 0,
             },
         )
     }
