@@ -28,8 +28,9 @@ const MIN_RATIO: f64 = 1.0 / PPM as f64;
 /// bounds the extra load a failing upstream sees to `ratio` of the real traffic). The default
 /// is 20 %, 10 retries per second, over 10 seconds.
 ///
-/// The window is split into 10 slots; each slot counts first attempts and retries in
-/// per-thread stripes of atomics (no lock, no shared cache line on the hot path). The
+/// The window is split into 10 slots; first attempts are counted per slot in per-thread
+/// stripes of atomics (no lock, no shared cache line on the hot path: every request
+/// deposits), retries in one row of atomics (only failing requests withdraw). The
 /// arithmetic is in integers scaled by 10⁶, so any ratio in (0, 10] is exact to a millionth
 /// (tower's `TpsBudget` over-allocates for fractional ratios, tower#857).
 ///
@@ -61,12 +62,14 @@ pub struct RetryBudget {
     inner: Arc<Inner>,
 }
 
+/// One cache line (two on CPUs with 64-byte lines, which prefetch in pairs) of counters.
 #[repr(align(128))]
-struct Stripe {
-    /// Per slot: tag (tick, high 32 bits) and count of first attempts (low 32 bits).
-    firsts: [AtomicU64; SLOTS],
-    /// Per slot: tag and count of retries.
-    retries: [AtomicU64; SLOTS],
+struct Slots([AtomicU64; SLOTS]);
+
+impl Slots {
+    fn new() -> Self {
+        Slots(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
 }
 
 struct Inner {
@@ -79,7 +82,11 @@ struct Inner {
     ratio: f64,
     min_per_second: u32,
     window: Duration,
-    stripes: Box<[Stripe]>,
+    /// Per stripe, per slot: tag (tick, high 32 bits) and count of first attempts (low 32
+    /// bits). Every request deposits, so each thread writes its own stripe.
+    firsts: Box<[Slots]>,
+    /// Per slot: tag and count of retries. Only failing requests write here.
+    retries: Slots,
     exhausted: AtomicU64,
 }
 
@@ -93,16 +100,15 @@ impl RetryBudget {
     #[inline]
     pub fn deposit(&self) {
         let tick = self.inner.tick();
-        let stripe = &self.inner.stripes[stripe_index()];
-        add(&stripe.firsts[tick as usize % SLOTS], tick as u32);
+        let stripe = &self.inner.firsts[stripe_index()];
+        add(&stripe.0[tick as usize % SLOTS], tick as u32);
     }
 
     /// Takes one retry from the budget; `false` (and the [`exhausted`](Self::exhausted)
     /// counter goes up) when the budget is empty.
     pub fn withdraw(&self) -> bool {
         let tick = self.inner.tick();
-        let stripe = &self.inner.stripes[stripe_index()];
-        let slot = &stripe.retries[tick as usize % SLOTS];
+        let slot = &self.inner.retries.0[tick as usize % SLOTS];
         // Optimistic: count the retry, then check; undo if that overdrew the budget. Racing
         // withdrawals can make each other fail, never both succeed past the balance.
         add(slot, tick as u32);
@@ -178,13 +184,15 @@ impl Inner {
         let tick = tick as u32;
         let mut firsts: i128 = 0;
         let mut retries: i128 = 0;
-        for stripe in self.stripes.iter() {
-            for slot in &stripe.firsts {
+        // Only stripes some thread was given can hold counts.
+        let used = NEXT_STRIPE.load(Ordering::Relaxed).min(STRIPES);
+        for stripe in &self.firsts[..used] {
+            for slot in &stripe.0 {
                 firsts += i128::from(count_if_live(slot, tick));
             }
-            for slot in &stripe.retries {
-                retries += i128::from(count_if_live(slot, tick));
-            }
+        }
+        for slot in &self.retries.0 {
+            retries += i128::from(count_if_live(slot, tick));
         }
         self.reserve_ppm + firsts * self.ratio_ppm - retries * PPM
     }
@@ -237,16 +245,18 @@ fn sub(slot: &AtomicU64, tick: u32) {
     }
 }
 
+/// Stripes handed out so far (to threads, round robin).
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+
 #[inline]
 fn stripe_index() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
     }
     INDEX.with(|i| {
         let mut v = i.get();
         if v == usize::MAX {
-            v = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+            v = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
             i.set(v);
         }
         v
@@ -311,12 +321,7 @@ impl RetryBudgetBuilder {
             ));
         }
         let window_ms = self.window.as_millis() as u64;
-        let stripes = (0..STRIPES)
-            .map(|_| Stripe {
-                firsts: std::array::from_fn(|_| AtomicU64::new(0)),
-                retries: std::array::from_fn(|_| AtomicU64::new(0)),
-            })
-            .collect();
+        let firsts = (0..STRIPES).map(|_| Slots::new()).collect();
         Ok(RetryBudget {
             inner: Arc::new(Inner {
                 // Tick 0 starts now; a word of 0 (tag 0, count 0) counts nothing either way.
@@ -330,7 +335,8 @@ impl RetryBudgetBuilder {
                 ratio: self.ratio,
                 min_per_second: self.min_per_second,
                 window: self.window,
-                stripes,
+                firsts,
+                retries: Slots::new(),
                 exhausted: AtomicU64::new(0),
             }),
         })
