@@ -73,12 +73,14 @@ impl<S, P, B> ResponseFuture<S, P, B>
 where
     S: Service<Request<ReplayBody<B>>>,
 {
+    #[inline]
     pub(crate) fn once(fut: S::Future) -> Self {
         ResponseFuture {
             kind: Kind::Once { fut },
         }
     }
 
+    #[inline]
     pub(crate) fn retrying(fut: S::Future, ctx: Ctx<S, P, B>) -> Self {
         ResponseFuture {
             kind: Kind::Retrying {
@@ -97,6 +99,7 @@ where
 {
     type Output = Result<Response<ResB>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Once { fut } => Poll::Ready(ready!(fut.poll(cx)).map_err(Into::into)),
@@ -156,7 +159,32 @@ fn finish<ResB>(
 
 impl<S, P: Policy, B> Ctx<S, P, B> {
     /// After an attempt: `Some(delay)` to retry after `delay`, `None` to return the outcome.
+    /// The happy path: a response the policy does not retry costs one policy call.
+    #[inline]
     fn decide<ResB>(&mut self, res: &Result<Response<ResB>, BoxError>) -> Option<Duration> {
+        if let Ok(rsp) = res {
+            let outcome = Outcome::Response {
+                status: rsp.status(),
+                headers: rsp.headers(),
+            };
+            if !self
+                .config
+                .policy
+                .should_retry(RequestHead::of_parts(&self.head), &outcome)
+            {
+                return None;
+            }
+            return self.decide_slow(res, true);
+        }
+        self.decide_slow(res, false)
+    }
+
+    #[inline(never)]
+    fn decide_slow<ResB>(
+        &mut self,
+        res: &Result<Response<ResB>, BoxError>,
+        policy_said_yes: bool,
+    ) -> Option<Duration> {
         let cfg = &*self.config;
         if self.attempts >= cfg.max_attempts {
             return None;
@@ -188,7 +216,7 @@ impl<S, P: Policy, B> Ctx<S, P, B> {
                 )
             }
         };
-        if !cfg.policy.should_retry(head, &outcome) {
+        if !policy_said_yes && !cfg.policy.should_retry(head, &outcome) {
             return None;
         }
         let (asked, after_response) = match outcome {
