@@ -502,3 +502,72 @@ fn config_errors() {
     assert_eq!(err.field(), "retry.backoff");
     assert!(err.to_string().starts_with("invalid retry.backoff: "));
 }
+
+#[tokio::test(start_paused = true)]
+async fn response_before_the_body_was_sent_is_not_retried() {
+    // The mock answers without reading the body: the upstream cannot have seen all of it,
+    // and the rest is not recorded, so the 503 is returned as is.
+    let script = Script::new(vec![answer(503, &[]), answer(200, &[])]);
+    let mut svc = RetryLayer::new().layer(script.service());
+    let put = Request::put("http://upstream/")
+        .body(full("payload"))
+        .unwrap();
+    let rsp = send(&mut svc, put).await.unwrap();
+    assert_eq!(rsp.status(), 503);
+    assert_eq!(Attempts::of(&rsp), 1);
+    assert_eq!(script.count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unsent_body_is_handed_back_and_sent_by_the_retry() {
+    use http_body_util::BodyExt;
+    // Attempt 1 fails as refused without touching the body; attempt 2 reads it all.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let (c, b) = (calls.clone(), bodies.clone());
+    let inner = tower::service_fn(move |req: Req| {
+        let n = c.fetch_add(1, Ordering::SeqCst);
+        let b = b.clone();
+        async move {
+            if n == 0 {
+                drop(req);
+                return Err::<Response<()>, BoxError>(Box::new(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionRefused,
+                )));
+            }
+            let body = req.into_body().collect().await?.to_bytes();
+            b.lock().unwrap().push(body);
+            Ok(Response::new(()))
+        }
+    });
+    let mut svc = RetryLayer::new().layer(inner);
+    let post = Request::post("http://upstream/")
+        .body(full("payload"))
+        .unwrap();
+    let rsp = send(&mut svc, post).await.unwrap();
+    assert_eq!(Attempts::of(&rsp), 2);
+    assert_eq!(
+        *bodies.lock().unwrap(),
+        vec![Bytes::from_static(b"payload")]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_calls_retryable_by_config() {
+    use tower_upstream::retry::DefaultPolicy;
+    let script = Script::new(vec![
+        grpc_answer(Code::ResourceExhausted, None),
+        grpc_answer(Code::Ok, None),
+    ]);
+    let layer = RetryLayer::builder()
+        .policy(
+            DefaultPolicy::new()
+                .grpc_codes([Code::ResourceExhausted])
+                .retry_all_grpc_calls(true),
+        )
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(script.service());
+    let rsp = send(&mut svc, grpc_req(false)).await.unwrap();
+    assert_eq!(Attempts::of(&rsp), 2);
+}

@@ -177,18 +177,23 @@ pub trait Policy: Send + Sync + 'static {
 /// use tower_upstream::grpc::Code;
 /// use tower_upstream::retry::DefaultPolicy;
 ///
-/// let policy = DefaultPolicy::new().grpc_codes([Code::Unavailable, Code::ResourceExhausted]);
+/// let policy = DefaultPolicy::new()
+///     .grpc_codes([Code::Unavailable, Code::ResourceExhausted])
+///     .retry_all_grpc_calls(true);
 /// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct DefaultPolicy {
     /// Bit n set: gRPC code n is retryable.
     grpc_codes: u32,
+    /// Every gRPC call counts as marked.
+    grpc_all: bool,
 }
 
 impl Default for DefaultPolicy {
     fn default() -> Self {
         DefaultPolicy {
             grpc_codes: 1 << Code::Unavailable.as_i32(),
+            grpc_all: false,
         }
     }
 }
@@ -209,6 +214,13 @@ impl DefaultPolicy {
         self
     }
 
+    /// Treats every gRPC call as marked [`Idempotent`] for the retryable `grpc-status`
+    /// codes (for upstreams whose methods are all safe to repeat). Default `false`.
+    pub fn retry_all_grpc_calls(mut self, yes: bool) -> Self {
+        self.grpc_all = yes;
+        self
+    }
+
     fn grpc_code_retryable(&self, code: Code) -> bool {
         self.grpc_codes & (1 << code.as_i32()) != 0
     }
@@ -222,6 +234,7 @@ impl fmt::Debug for DefaultPolicy {
             .collect();
         f.debug_struct("DefaultPolicy")
             .field("grpc_codes", &codes)
+            .field("retry_all_grpc_calls", &self.grpc_all)
             .finish()
     }
 }
@@ -243,7 +256,7 @@ impl Policy for DefaultPolicy {
                             .and_then(Code::from_header)
                             .is_some_and(|code| self.grpc_code_retryable(code))
                         && grpc::is_grpc(req.headers())
-                        && req.is_idempotent()
+                        && (self.grpc_all || req.is_idempotent())
                 }
                 502..=504 => req.is_idempotent(),
                 _ => false,
