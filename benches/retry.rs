@@ -171,6 +171,19 @@ fn budget_contention(c: &mut Criterion) {
                 })
             })
         });
+        // Healthy traffic: every request deposits, none withdraws.
+        g.bench_function(format!("upstream_budget_deposit_only/{workers}w"), |b| {
+            b.iter_custom(|n| {
+                let budget = RetryBudget::default();
+                contended(workers, n, move |_| budget.deposit())
+            })
+        });
+        g.bench_function(format!("tower_tps_budget_deposit_only/{workers}w"), |b| {
+            b.iter_custom(|n| {
+                let budget = Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2));
+                contended(workers, n, move |_| budget.deposit())
+            })
+        });
         g.bench_function(format!("tower_tps_budget/{workers}w"), |b| {
             b.iter_custom(|n| {
                 let budget = Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2));

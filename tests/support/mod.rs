@@ -1,7 +1,6 @@
 //! Test upstreams on 127.0.0.1.
 #![allow(dead_code, unreachable_pub)]
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -127,6 +126,3 @@ pub async fn closed_addr() -> SocketAddr {
     drop(l);
     addr
 }
-
-/// Never called: keeps `Infallible` imported for callers' `service_fn`s.
-pub fn _infallible(_: Infallible) {}
