@@ -56,6 +56,8 @@
 //! - [`deadline`]: the request's overall deadline ([`Deadline`]), capped by an incoming
 //!   `grpc-timeout`, and propagated.
 //! - [`timeout`]: per-attempt timeouts ([`AttemptTimeout`]) and a response-body idle timeout.
+//! - [`retry`]: retries ([`Retry`]) with a safe default policy, a shared lock-free
+//!   [`RetryBudget`], jittered backoff, `Retry-After`, and replay of streaming request bodies.
 //! - [`breaker`]: the circuit breaker's error (the layer lands in a later release).
 //! - [`grpc`]: gRPC status codes and detection.
 //!
@@ -77,12 +79,14 @@ mod error;
 pub mod fault;
 pub mod grpc;
 pub mod map_faults;
+pub mod retry;
 pub mod timeout;
 
 pub use deadline::{Deadline, DeadlineLayer, RequestDeadline};
 pub use error::ConfigError;
 pub use fault::{Classification, Classifier, Fault, Sent};
 pub use map_faults::{MapFaults, MapFaultsLayer};
+pub use retry::{Retry, RetryBudget, RetryLayer};
 pub use timeout::{AttemptTimeout, AttemptTimeoutLayer};
 
 /// The error type that travels between layers: any `std::error::Error`, boxed.

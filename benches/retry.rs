@@ -1,0 +1,264 @@
+//! Retry benches: the happy path (first attempt succeeds) next to the bare service and tower's
+//! `Retry` + `TpsBudget`, and budget deposit/withdraw under contention (1 vs 2 workers).
+//!
+//! Read ratios, not absolute times. Run briefly with
+//! `cargo bench --bench retry -- --warm-up-time 1 --measurement-time 3`.
+
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{Request, Response};
+use http_body_util::{Empty, Full};
+use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::{Layer, Service, ServiceExt};
+use tower_upstream::retry::ReplayBody;
+use tower_upstream::{RetryBudget, RetryLayer};
+
+/// tower's `Retry` policy as its docs show it: deposit on success, withdraw on failure;
+/// never retries here (the inner service always succeeds) but clones the request.
+#[derive(Clone)]
+struct TowerPolicy {
+    budget: Arc<TpsBudget>,
+}
+
+impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for TowerPolicy {
+    type Future = Ready<()>;
+
+    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        match result {
+            Ok(_) => {
+                self.budget.deposit();
+                None
+            }
+            Err(_) => self.budget.withdraw().then(|| ready(())),
+        }
+    }
+
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        Some(req.clone())
+    }
+}
+
+fn tower_policy() -> TowerPolicy {
+    TowerPolicy {
+        budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
+    }
+}
+
+fn inner<B>(
+) -> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone + Send
+{
+    tower::service_fn(|_req: Request<B>| ready(Ok::<_, Infallible>(Response::new(()))))
+}
+
+/// Times `iters` sequential `ready().await` + `call(req).await` on one service.
+async fn drive<S, B>(mut svc: S, iters: u64, make: impl Fn() -> Request<B>) -> Duration
+where
+    S: Service<Request<B>>,
+    S::Error: std::fmt::Debug,
+{
+    let start = Instant::now();
+    for _ in 0..iters {
+        let rsp = svc.ready().await.unwrap().call(make()).await.unwrap();
+        black_box(rsp);
+    }
+    start.elapsed()
+}
+
+fn happy_path(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = RetryLayer::new();
+    // Requests as PERFORMANCE.md's: `Request::new` (GET /), no URI parsing in the loop.
+    let unit = || Request::new(());
+    let full = || {
+        let mut req = Request::new(Full::new(Bytes::from_static(b"{\"id\":1}")));
+        *req.method_mut() = http::Method::POST;
+        req
+    };
+    let empty = || Request::new(Empty::<Bytes>::new());
+
+    let mut g = c.benchmark_group("retry");
+    g.bench_function("bare", |b| {
+        b.iter_custom(|n| rt.block_on(drive(inner::<()>(), n, unit)))
+    });
+    g.bench_function("tower_retry_tps", |b| {
+        b.iter_custom(|n| {
+            let svc = tower::retry::Retry::new(tower_policy(), inner::<()>());
+            rt.block_on(drive(svc, n, unit))
+        })
+    });
+    g.bench_function("upstream_retry", |b| {
+        b.iter_custom(|n| {
+            let svc = layer.layer(inner::<ReplayBody<Empty<Bytes>>>());
+            rt.block_on(drive(svc, n, empty))
+        })
+    });
+    g.bench_function("bare/body", |b| {
+        b.iter_custom(|n| rt.block_on(drive(inner::<Full<Bytes>>(), n, full)))
+    });
+    g.bench_function("tower_retry_tps/body", |b| {
+        b.iter_custom(|n| {
+            let svc = tower::retry::Retry::new(tower_policy(), inner::<Full<Bytes>>());
+            rt.block_on(drive(svc, n, full))
+        })
+    });
+    g.bench_function("upstream_retry/body", |b| {
+        b.iter_custom(|n| {
+            let svc = layer.layer(inner::<ReplayBody<Full<Bytes>>>());
+            rt.block_on(drive(svc, n, full))
+        })
+    });
+    g.finish();
+}
+
+const TASKS: u64 = 64;
+
+/// Runs `iters` operations spread over 64 tasks on a runtime with `workers` threads.
+fn contended<F>(workers: usize, iters: u64, op: F) -> Duration
+where
+    F: Fn(u64) + Clone + Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let per_task = iters.div_ceil(TASKS);
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let op = op.clone();
+                tokio::spawn(async move {
+                    for i in 0..per_task {
+                        op(i);
+                        if i % 64 == 63 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        start.elapsed()
+    })
+}
+
+fn budget_contention(c: &mut Criterion) {
+    let mut g = c.benchmark_group("retry_budget_contention");
+    for workers in [1usize, 2] {
+        // One in ten requests fails and withdraws, the others deposit.
+        g.bench_function(format!("upstream_budget/{workers}w"), |b| {
+            b.iter_custom(|n| {
+                let budget = RetryBudget::default();
+                contended(workers, n, move |i| {
+                    if i % 10 == 9 {
+                        black_box(budget.withdraw());
+                    } else {
+                        budget.deposit();
+                    }
+                })
+            })
+        });
+        // Healthy traffic: every request deposits, none withdraws.
+        g.bench_function(format!("upstream_budget_deposit_only/{workers}w"), |b| {
+            b.iter_custom(|n| {
+                let budget = RetryBudget::default();
+                contended(workers, n, move |_| budget.deposit())
+            })
+        });
+        g.bench_function(format!("tower_tps_budget_deposit_only/{workers}w"), |b| {
+            b.iter_custom(|n| {
+                let budget = Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2));
+                contended(workers, n, move |_| budget.deposit())
+            })
+        });
+        g.bench_function(format!("tower_tps_budget/{workers}w"), |b| {
+            b.iter_custom(|n| {
+                let budget = Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2));
+                contended(workers, n, move |i| {
+                    if i % 10 == 9 {
+                        black_box(budget.withdraw());
+                    } else {
+                        budget.deposit();
+                    }
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+/// The whole service shared by 64 tasks: bare, tower's Retry + TpsBudget, ours.
+fn service_contention(c: &mut Criterion) {
+    let mut g = c.benchmark_group("retry_service_contention");
+    for workers in [1usize, 2] {
+        g.bench_function(format!("bare/{workers}w"), |b| {
+            b.iter_custom(|n| shared_service(workers, n, inner::<()>(), || Request::new(())))
+        });
+        g.bench_function(format!("tower_retry_tps/{workers}w"), |b| {
+            b.iter_custom(|n| {
+                let svc = tower::retry::Retry::new(tower_policy(), inner::<()>());
+                shared_service(workers, n, svc, || Request::new(()))
+            })
+        });
+        g.bench_function(format!("upstream_retry/{workers}w"), |b| {
+            b.iter_custom(|n| {
+                let svc = RetryLayer::new().layer(inner::<ReplayBody<Empty<Bytes>>>());
+                shared_service(workers, n, svc, || Request::new(Empty::new()))
+            })
+        });
+    }
+    g.finish();
+}
+
+fn shared_service<S, B>(workers: usize, iters: u64, svc: S, make: fn() -> Request<B>) -> Duration
+where
+    S: Service<Request<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+    S::Response: Send,
+    B: Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let per_task = iters.div_ceil(TASKS);
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let mut svc = svc.clone();
+                tokio::spawn(async move {
+                    for i in 0..per_task {
+                        let rsp = svc.ready().await.unwrap().call(make()).await.unwrap();
+                        black_box(rsp);
+                        if i % 64 == 63 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        start.elapsed()
+    })
+}
+
+criterion_group!(benches, happy_path, budget_contention, service_contention);
+criterion_main!(benches);

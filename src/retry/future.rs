@@ -1,0 +1,315 @@
+//! [`ResponseFuture`] for [`Retry`](super::Retry).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower::BoxError;
+use tower_service::Service;
+
+use super::backoff::{pushback, Pushback};
+use super::policy::{Outcome, RequestHead};
+use super::replay::{lock, ReplayBody, State};
+use super::{Attempts, Config, Policy};
+use crate::deadline::RequestDeadline;
+use crate::fault::Fault;
+use crate::grpc;
+
+pin_project! {
+    /// The response future of [`Retry`](super::Retry).
+    ///
+    /// Requests that cannot be retried poll the inner future directly; the others go
+    /// through a small state machine (attempt, backoff sleep, readiness, next attempt), with
+    /// no allocation besides the recorded body.
+    pub struct ResponseFuture<S, P, B>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        #[pin]
+        kind: Kind<S::Future, S, P, B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, S, P, B> {
+        Once { #[pin] fut: F },
+        Retrying {
+            #[pin]
+            stage: Stage<F>,
+            ctx: Ctx<S, P, B>,
+        },
+    }
+}
+
+pin_project! {
+    #[project = StageProj]
+    enum Stage<F> {
+        Calling { #[pin] fut: F },
+        // Boxed: only retries that wait pay for it, and the future stays small to move.
+        Sleeping { sleep: Pin<Box<Sleep>> },
+        Ready,
+    }
+}
+
+pub(crate) struct Ctx<S, P, B> {
+    pub(crate) config: Arc<Config<P>>,
+    pub(crate) service: S,
+    pub(crate) head: http::request::Parts,
+    /// The recorded body; `None` when the body was empty.
+    pub(crate) replay: Option<Arc<Mutex<State<B>>>>,
+    pub(crate) attempts: u32,
+    /// The previous backoff, in nanoseconds (for decorrelated jitter).
+    pub(crate) prev_delay_ns: u64,
+}
+
+impl<S, P, B> ResponseFuture<S, P, B>
+where
+    S: Service<Request<ReplayBody<B>>>,
+{
+    #[inline]
+    pub(crate) fn once(fut: S::Future) -> Self {
+        ResponseFuture {
+            kind: Kind::Once { fut },
+        }
+    }
+
+    #[inline]
+    pub(crate) fn retrying(fut: S::Future, ctx: Ctx<S, P, B>) -> Self {
+        ResponseFuture {
+            kind: Kind::Retrying {
+                stage: Stage::Calling { fut },
+                ctx,
+            },
+        }
+    }
+}
+
+impl<S, P, B, ResB> Future for ResponseFuture<S, P, B>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    P: Policy,
+{
+    type Output = Result<Response<ResB>, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Once { fut } => Poll::Ready(ready!(fut.poll(cx)).map_err(Into::into)),
+            KindProj::Retrying { mut stage, ctx } => loop {
+                match stage.as_mut().project() {
+                    StageProj::Calling { fut } => {
+                        let res = ready!(fut.poll(cx)).map_err(Into::into);
+                        if ctx.attempts >= ctx.config.max_attempts {
+                            return Poll::Ready(finish(res, ctx.attempts));
+                        }
+                        match ctx.decide(&res) {
+                            None => return Poll::Ready(finish(res, ctx.attempts)),
+                            Some(delay) => {
+                                drop(res);
+                                if delay.is_zero() {
+                                    stage.set(Stage::Ready);
+                                } else {
+                                    stage.set(Stage::Sleeping {
+                                        sleep: Box::pin(tokio::time::sleep(delay)),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                    StageProj::Sleeping { sleep } => {
+                        ready!(sleep.as_mut().poll(cx));
+                        stage.set(Stage::Ready);
+                    }
+                    StageProj::Ready => {
+                        if let Err(e) = ready!(ctx.service.poll_ready(cx)) {
+                            return Poll::Ready(Err(e.into()));
+                        }
+                        let req = ctx.next_request();
+                        ctx.attempts += 1;
+                        let fut = ctx.service.call(req);
+                        stage.set(Stage::Calling { fut });
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Marks a response that took more than one attempt (inserting an extension allocates, so
+/// the first-attempt happy path does not).
+fn finish<ResB>(
+    res: Result<Response<ResB>, BoxError>,
+    attempts: u32,
+) -> Result<Response<ResB>, BoxError> {
+    res.map(|mut r| {
+        if attempts > 1 {
+            r.extensions_mut().insert(Attempts(attempts));
+        }
+        r
+    })
+}
+
+impl<S, P: Policy, B> Ctx<S, P, B> {
+    /// After an attempt: `Some(delay)` to retry after `delay`, `None` to return the outcome.
+    /// The happy path: a response the policy does not retry costs one policy call.
+    #[inline]
+    fn decide<ResB>(&mut self, res: &Result<Response<ResB>, BoxError>) -> Option<Duration> {
+        if let Ok(rsp) = res {
+            let outcome = Outcome::Response {
+                status: rsp.status(),
+                headers: rsp.headers(),
+            };
+            if !self
+                .config
+                .policy
+                .should_retry(RequestHead::of_parts(&self.head), &outcome)
+            {
+                return None;
+            }
+            return self.decide_slow(res, true);
+        }
+        self.decide_slow(res, false)
+    }
+
+    #[inline(never)]
+    fn decide_slow<ResB>(
+        &mut self,
+        res: &Result<Response<ResB>, BoxError>,
+        policy_said_yes: bool,
+    ) -> Option<Duration> {
+        let cfg = &*self.config;
+        if self.attempts >= cfg.max_attempts {
+            return None;
+        }
+        let head = RequestHead::of_parts(&self.head);
+        let classification;
+        let (outcome, what) = match res {
+            Ok(rsp) => (
+                Outcome::Response {
+                    status: rsp.status(),
+                    headers: rsp.headers(),
+                },
+                What::Status(rsp.status()),
+            ),
+            Err(e) => {
+                classification = cfg.classifier.classify(&**e);
+                // The gateway's own refusals (circuit open, shed) say nothing about the
+                // upstream, and a retry would meet the same refusal.
+                if classification.fault().is_local_rejection() {
+                    return None;
+                }
+                let what = What::Fault(classification.fault());
+                (
+                    Outcome::Error {
+                        classification: &classification,
+                        error: &**e,
+                    },
+                    what,
+                )
+            }
+        };
+        if !policy_said_yes && !cfg.policy.should_retry(head, &outcome) {
+            return None;
+        }
+        let (asked, after_response) = match outcome {
+            Outcome::Response { headers, .. } => (pushback(headers), true),
+            Outcome::Error { classification, .. } => (
+                classification
+                    .retry_after()
+                    .map_or(Pushback::None, Pushback::After),
+                false,
+            ),
+        };
+        if let Some(shared) = &self.replay {
+            if !lock(shared).can_replay(after_response) {
+                tracing::debug!(attempt = self.attempts, outcome = %what, "request body cannot be replayed; not retrying");
+                return None;
+            }
+        }
+        let delay = match asked {
+            Pushback::Never => return None,
+            Pushback::After(d) if d > cfg.pushback_cap => {
+                tracing::debug!(attempt = self.attempts, outcome = %what, retry_after_ms = d.as_millis() as u64, "upstream pushback exceeds the cap; not retrying");
+                return None;
+            }
+            Pushback::After(d) => d,
+            Pushback::None => cfg
+                .backoff
+                .delay(self.attempts, Duration::from_nanos(self.prev_delay_ns)),
+        };
+        // Read here, not kept in the future: only a retry decision needs it.
+        if let Some(deadline) = self.head.extensions.get::<RequestDeadline>() {
+            if deadline.remaining() <= delay {
+                tracing::debug!(attempt = self.attempts, outcome = %what, "deadline leaves no time for another attempt");
+                return None;
+            }
+        }
+        if !cfg.budget.withdraw() {
+            tracing::debug!(attempt = self.attempts, outcome = %what, "retry budget exhausted");
+            return None;
+        }
+        self.prev_delay_ns = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
+        tracing::debug!(
+            attempt = self.attempts + 1,
+            outcome = %what,
+            delay_ms = delay.as_millis() as u64,
+            "retrying upstream request"
+        );
+        Some(delay)
+    }
+
+    fn next_request(&self) -> Request<ReplayBody<B>> {
+        let mut parts = self.head.clone();
+        if grpc::is_grpc(&parts.headers) {
+            parts.headers.insert(
+                "grpc-previous-rpc-attempts",
+                HeaderValue::from(self.attempts),
+            );
+        }
+        let body = match &self.replay {
+            Some(shared) => ReplayBody::replay(shared),
+            None => ReplayBody::empty(),
+        };
+        Request::from_parts(parts, body)
+    }
+}
+
+/// What an attempt ended with, for tracing (no allocation).
+#[derive(Clone, Copy)]
+enum What {
+    Status(http::StatusCode),
+    Fault(Fault),
+}
+
+impl fmt::Display for What {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            What::Status(s) => write!(f, "status {}", s.as_u16()),
+            What::Fault(fault) => f.write_str(fault.name()),
+        }
+    }
+}
+
+impl<S, P, B> fmt::Debug for ResponseFuture<S, P, B>
+where
+    S: Service<Request<ReplayBody<B>>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (kind, attempts) = match &self.kind {
+            Kind::Once { .. } => ("once", 1),
+            Kind::Retrying { ctx, .. } => ("retrying", ctx.attempts),
+        };
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .field("attempts", &attempts)
+            .finish()
+    }
+}
