@@ -13,6 +13,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -28,9 +29,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tower::{service_fn, BoxError, ServiceBuilder};
 use tower_upstream::map_faults::MapFaultsLayer;
-use tower_upstream::{AttemptTimeoutLayer, DeadlineLayer};
+use tower_upstream::retry::ReplayBody;
+use tower_upstream::{AttemptTimeoutLayer, DeadlineLayer, RetryLayer};
 
 type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// How many requests reached `/flaky`: it resets the first two of every three.
+static FLAKY_HITS: AtomicU32 = AtomicU32::new(0);
+
+/// Calls the gateway's retry layer made to its inner service (attempts) for the current case.
+static ATTEMPTS: AtomicU32 = AtomicU32::new(0);
 
 /// What the flaky upstream does for a path.
 async fn misbehave(mut stream: TcpStream) {
@@ -43,6 +51,12 @@ async fn misbehave(mut stream: TcpStream) {
     let reply: Vec<u8> = match path.as_str() {
         "/ok" => b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nhello\n".to_vec(),
         "/upstream-503" => b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 3\r\ncontent-length: 5\r\nconnection: close\r\n\r\nbusy\n".to_vec(),
+        "/flaky" if FLAKY_HITS.fetch_add(1, Ordering::Relaxed) % 3 != 2 => {
+            #[allow(deprecated)]
+            let _ = stream.set_linger(Some(Duration::ZERO));
+            return;
+        }
+        "/flaky" => b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nfinally".to_vec(),
         "/reset" => {
             #[allow(deprecated)] // SO_LINGER 0 is what makes close() send a RST
             let _ = stream.set_linger(Some(Duration::ZERO));
@@ -131,8 +145,9 @@ async fn start_gateway(
     let client: Client<_, Body> = Client::builder(TokioExecutor::new())
         .build(HttpConnector::new_with_resolver(local_resolver()));
 
-    let proxy = service_fn(move |req: Request<axum::body::Body>| {
+    let proxy = service_fn(move |req: Request<ReplayBody<axum::body::Body>>| {
         let client = client.clone();
+        ATTEMPTS.fetch_add(1, Ordering::Relaxed);
         async move {
             let (mut parts, body) = req.into_parts();
             let path = parts.uri.path().to_owned();
@@ -150,10 +165,12 @@ async fn start_gateway(
         }
     });
 
-    // Outermost first: answer faults, give each request 1 s in all, each attempt 250 ms.
+    // Outermost first: answer faults; give each request 1 s in all; retry safely (at most 3
+    // attempts, within a budget); give each attempt 250 ms.
     let stack = ServiceBuilder::new()
         .layer(MapFaultsLayer::builder().gateway_name("demo-gw").build()?)
         .layer(DeadlineLayer::new(Duration::from_secs(1)))
+        .layer(RetryLayer::builder().max_attempts(3).build()?)
         .layer(AttemptTimeoutLayer::new(Duration::from_millis(250)))
         .service(proxy);
     let app = Router::new().fallback_service(stack);
@@ -167,81 +184,134 @@ async fn start_gateway(
 }
 
 struct Case {
+    method: &'static str,
     path: &'static str,
     fault: &'static str,
     expect: StatusCode,
+    /// Attempts the retry layer should make (a range where wall-clock time decides).
+    attempts: std::ops::RangeInclusive<u32>,
 }
 
 const CASES: &[Case] = &[
     Case {
+        method: "GET",
         path: "/ok",
         fault: "none (healthy)",
         expect: StatusCode::OK,
+        attempts: 1..=1,
     },
     Case {
+        method: "GET",
+        path: "/flaky",
+        fault: "reset twice, then ok",
+        expect: StatusCode::OK,
+        attempts: 3..=3,
+    },
+    Case {
+        method: "POST",
+        path: "/reset",
+        fault: "reset (not idempotent)",
+        expect: StatusCode::BAD_GATEWAY,
+        attempts: 1..=1,
+    },
+    Case {
+        method: "POST",
+        path: "/refused/x",
+        fault: "refused (never sent)",
+        expect: StatusCode::BAD_GATEWAY,
+        attempts: 3..=3,
+    },
+    Case {
+        method: "GET",
         path: "/upstream-503",
         fault: "upstream answers 503",
         expect: StatusCode::SERVICE_UNAVAILABLE,
+        attempts: 1..=1,
     },
     Case {
+        method: "GET",
         path: "/refused/x",
         fault: "connection refused",
         expect: StatusCode::BAD_GATEWAY,
+        attempts: 3..=3,
     },
     Case {
+        method: "GET",
         path: "/dns/x",
         fault: "name does not resolve",
         expect: StatusCode::BAD_GATEWAY,
+        attempts: 3..=3,
     },
     Case {
+        method: "GET",
         path: "/reset",
         fault: "connection reset",
         expect: StatusCode::BAD_GATEWAY,
+        attempts: 3..=3,
     },
     Case {
+        method: "GET",
         path: "/close",
         fault: "closed, no bytes",
         expect: StatusCode::BAD_GATEWAY,
+        attempts: 3..=3,
     },
     Case {
+        method: "GET",
         path: "/garbage",
         fault: "garbage bytes",
         expect: StatusCode::BAD_GATEWAY,
+        attempts: 3..=3,
     },
     Case {
+        method: "GET",
         path: "/http09",
         fault: "HTTP/0.9-style reply",
         expect: StatusCode::BAD_GATEWAY,
+        attempts: 3..=3,
     },
     Case {
+        method: "GET",
         path: "/bad-length",
         fault: "Content-Length: abc",
         expect: StatusCode::BAD_GATEWAY,
+        attempts: 3..=3,
     },
     Case {
+        method: "GET",
         path: "/two-lengths",
         fault: "two Content-Lengths",
         expect: StatusCode::BAD_GATEWAY,
+        attempts: 3..=3,
     },
     Case {
+        method: "GET",
         path: "/huge-head",
         fault: "128 KiB of headers",
         expect: StatusCode::BAD_GATEWAY,
+        attempts: 3..=3,
     },
     Case {
+        method: "GET",
         path: "/slow",
         fault: "answers in 120 ms",
         expect: StatusCode::OK,
+        attempts: 1..=1,
     },
     Case {
+        method: "GET",
         path: "/hang",
         fault: "never answers",
         expect: StatusCode::GATEWAY_TIMEOUT,
+        // 3 × 250 ms fits in the 1 s deadline, unless a loaded machine delays the backoffs.
+        attempts: 2..=3,
     },
     Case {
+        method: "GET",
         path: "/truncated",
         fault: "body cut after 200",
         expect: StatusCode::OK,
+        attempts: 1..=1,
     },
 ];
 
@@ -257,14 +327,18 @@ async fn main() -> Result<(), BoxError> {
 
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     println!(
-        "{:<15} {:<22} {:<6} {:<54} {:<14} {:>8}",
-        "path", "upstream fault", "status", "proxy-status", "body", "latency"
+        "{:<6} {:<13} {:<22} {:<6} {:<8} {:<54} {:<10} {:>8}",
+        "method", "path", "upstream fault", "status", "attempts", "proxy-status", "body", "latency"
     );
-    println!("{}", "-".repeat(124));
+    println!("{}", "-".repeat(134));
     let mut wrong = 0;
     for case in CASES {
         let started = Instant::now();
-        let req = Request::get(format!("http://{gateway}{}", case.path)).body(Empty::new())?;
+        ATTEMPTS.store(0, Ordering::Relaxed);
+        let req = Request::builder()
+            .method(case.method)
+            .uri(format!("http://{gateway}{}", case.path))
+            .body(Empty::new())?;
         let res: Response<Incoming> = client.request(req).await?;
         let status = res.status();
         let proxy_status = res
@@ -277,14 +351,21 @@ async fn main() -> Result<(), BoxError> {
             Ok(b) => format!("{} bytes", b.to_bytes().len()),
             Err(_) => "aborted".to_owned(),
         };
+        let body = match body.as_str() {
+            "aborted" => body,
+            b => b.replace(" bytes", " B"),
+        };
         let latency = started.elapsed();
-        let ok = status == case.expect;
+        let attempts = ATTEMPTS.load(Ordering::Relaxed);
+        let ok = status == case.expect && case.attempts.contains(&attempts);
         wrong += usize::from(!ok);
         println!(
-            "{:<15} {:<22} {:<6} {:<54} {:<14} {:>6.1}ms{}",
+            "{:<6} {:<13} {:<22} {:<6} {:<8} {:<54} {:<10} {:>6.1}ms{}",
+            case.method,
             case.path,
             case.fault,
             status.as_u16(),
+            attempts,
             proxy_status,
             body,
             latency.as_secs_f64() * 1e3,
@@ -293,9 +374,9 @@ async fn main() -> Result<(), BoxError> {
     }
     println!();
     if wrong > 0 {
-        eprintln!("{wrong} answer(s) differ from the status table");
+        eprintln!("{wrong} answer(s) differ from the status table or the retry policy");
         std::process::exit(1);
     }
-    println!("every answer matches the status table");
+    println!("every answer matches the status table and the retry policy");
     Ok(())
 }
