@@ -1,0 +1,258 @@
+//! Sliding windows of call outcomes.
+//!
+//! Two shapes, both lock-free:
+//!
+//! - [`TimeWindow`]: the last `T`, cut into buckets. Every thread writes to its own stripe (a
+//!   row of bucket words on cache lines no other stripe touches), so recording an outcome is
+//!   one uncontended compare-and-swap. Reading the totals (only on failures, and for
+//!   snapshots) sums every stripe.
+//! - [`CountWindow`]: exactly the last `N` calls, as a ring of outcome slots with one shared
+//!   cursor. Exact, but every call touches the cursor, so it does not scale across cores like
+//!   the time window does; it is meant for low-rate upstreams.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+
+/// Totals over the window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub(crate) calls: u64,
+    pub(crate) failures: u64,
+}
+
+#[derive(Debug)]
+pub(crate) enum Window {
+    Time(TimeWindow),
+    Count(CountWindow),
+}
+
+impl Window {
+    /// Records one outcome. `now_ms` is only read by the time window.
+    #[inline]
+    pub(crate) fn record(&self, stripe: usize, now_ms: u64, failure: bool) {
+        match self {
+            Window::Time(w) => w.record(stripe, now_ms, failure),
+            Window::Count(w) => w.record(failure),
+        }
+    }
+
+    pub(crate) fn totals(&self, now_ms: u64) -> Totals {
+        match self {
+            Window::Time(w) => w.totals(now_ms),
+            Window::Count(w) => w.totals(),
+        }
+    }
+
+    /// Forgets every outcome (when the circuit closes again).
+    pub(crate) fn reset(&self) {
+        match self {
+            Window::Time(w) => w.reset(),
+            Window::Count(w) => w.reset(),
+        }
+    }
+}
+
+// A bucket word: [tag: 20 bits][calls: 22 bits][failures: 22 bits]. The tag is the low bits of
+// the bucket's number (time / bucket width), so a slot left over from an earlier lap of the
+// ring reads as empty. Counts saturate (4 million per stripe per bucket).
+const COUNT_BITS: u32 = 22;
+const COUNT_MAX: u64 = (1 << COUNT_BITS) - 1;
+const TAG_MASK: u64 = (1 << (64 - 2 * COUNT_BITS)) - 1;
+
+#[inline]
+fn unpack(w: u64) -> (u64, u64, u64) {
+    (
+        w >> (2 * COUNT_BITS),
+        (w >> COUNT_BITS) & COUNT_MAX,
+        w & COUNT_MAX,
+    )
+}
+
+#[inline]
+fn pack(tag: u64, calls: u64, failures: u64) -> u64 {
+    (tag << (2 * COUNT_BITS)) | (calls << COUNT_BITS) | failures
+}
+
+#[derive(Debug)]
+pub(crate) struct TimeWindow {
+    bucket_ms: u64,
+    buckets: usize,
+    /// Distance between two stripes' rows, in words: at least 8 words (64 bytes) of gap, so
+    /// two stripes never share a cache line.
+    stride: usize,
+    stripes: usize,
+    words: Box<[AtomicU64]>,
+}
+
+impl TimeWindow {
+    pub(crate) fn new(bucket_ms: u64, buckets: usize, stripes: usize) -> Self {
+        let stride = buckets + 8;
+        TimeWindow {
+            bucket_ms: bucket_ms.max(1),
+            buckets,
+            stride,
+            stripes,
+            words: (0..stride * stripes + 8).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    #[inline]
+    fn slot(&self, stripe: usize, bucket: u64) -> &AtomicU64 {
+        let i = (stripe % self.stripes) * self.stride + 8 + (bucket % self.buckets as u64) as usize;
+        &self.words[i]
+    }
+
+    #[inline]
+    pub(crate) fn record(&self, stripe: usize, now_ms: u64, failure: bool) {
+        let bucket = now_ms / self.bucket_ms;
+        let tag = bucket & TAG_MASK;
+        let slot = self.slot(stripe, bucket);
+        let mut cur = slot.load(Relaxed);
+        loop {
+            let (t, calls, failures) = unpack(cur);
+            let (calls, failures) = if t == tag { (calls, failures) } else { (0, 0) };
+            if calls == COUNT_MAX {
+                return;
+            }
+            let new = pack(tag, calls + 1, failures + u64::from(failure));
+            match slot.compare_exchange_weak(cur, new, Relaxed, Relaxed) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    pub(crate) fn totals(&self, now_ms: u64) -> Totals {
+        let now = now_ms / self.bucket_ms;
+        let mut totals = Totals::default();
+        for stripe in 0..self.stripes {
+            for back in 0..(self.buckets as u64).min(now + 1) {
+                let bucket = now - back;
+                let (tag, calls, failures) = unpack(self.slot(stripe, bucket).load(Relaxed));
+                if tag == bucket & TAG_MASK {
+                    totals.calls += calls;
+                    totals.failures += failures;
+                }
+            }
+        }
+        totals
+    }
+
+    fn reset(&self) {
+        for w in self.words.iter() {
+            w.store(0, Relaxed);
+        }
+    }
+}
+
+const EMPTY: u8 = 0;
+const SUCCESS: u8 = 1;
+const FAILURE: u8 = 2;
+
+#[derive(Debug)]
+pub(crate) struct CountWindow {
+    cursor: AtomicU64,
+    slots: Box<[AtomicU8]>,
+    /// `calls << 32 | failures`, kept in step with the slots by wrapping adds.
+    totals: AtomicU64,
+}
+
+impl CountWindow {
+    pub(crate) fn new(size: usize) -> Self {
+        CountWindow {
+            cursor: AtomicU64::new(0),
+            slots: (0..size.max(1)).map(|_| AtomicU8::new(EMPTY)).collect(),
+            totals: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn record(&self, failure: bool) {
+        let i = self.cursor.fetch_add(1, Relaxed) % self.slots.len() as u64;
+        let new = if failure { FAILURE } else { SUCCESS };
+        let old = self.slots[i as usize].swap(new, Relaxed);
+        let calls: u64 = u64::from(old == EMPTY);
+        let delta = (calls << 32)
+            .wrapping_add(u64::from(failure))
+            .wrapping_sub(u64::from(old == FAILURE));
+        if delta != 0 {
+            self.totals.fetch_add(delta, Relaxed);
+        }
+    }
+
+    pub(crate) fn totals(&self) -> Totals {
+        let w = self.totals.load(Relaxed);
+        let (calls, failures) = (w >> 32, w & 0xFFFF_FFFF);
+        // A concurrent swap may be half applied; never report more failures than calls.
+        Totals {
+            calls,
+            failures: failures.min(calls),
+        }
+    }
+
+    fn reset(&self) {
+        for s in self.slots.iter() {
+            s.store(EMPTY, Relaxed);
+        }
+        self.totals.store(0, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_window_slides() {
+        let w = TimeWindow::new(1000, 10, 4);
+        for s in 0..4 {
+            w.record(s, 500, s == 0);
+        }
+        assert_eq!(
+            w.totals(900),
+            Totals {
+                calls: 4,
+                failures: 1
+            }
+        );
+        w.record(1, 9_999, true);
+        assert_eq!(w.totals(9_999).calls, 5);
+        // Bucket 0 has left the window.
+        assert_eq!(
+            w.totals(10_000),
+            Totals {
+                calls: 1,
+                failures: 1
+            }
+        );
+        // The slot of bucket 0 is reused for bucket 10 and starts from zero.
+        w.record(0, 10_001, false);
+        assert_eq!(w.totals(10_001).calls, 2);
+        w.reset();
+        assert_eq!(w.totals(10_001), Totals::default());
+    }
+
+    #[test]
+    fn count_window_keeps_last_n() {
+        let w = CountWindow::new(3);
+        w.record(true);
+        w.record(true);
+        w.record(false);
+        assert_eq!(
+            w.totals(),
+            Totals {
+                calls: 3,
+                failures: 2
+            }
+        );
+        w.record(false);
+        w.record(false);
+        assert_eq!(
+            w.totals(),
+            Totals {
+                calls: 3,
+                failures: 0
+            }
+        );
+        w.record(true);
+        assert_eq!(w.totals().failures, 1);
+    }
+}
