@@ -66,8 +66,7 @@ impl<'a> RequestHead<'a> {
     }
 }
 
-pub(crate) type KeyFn =
-    Arc<dyn for<'a> Fn(&RequestHead<'a>) -> Option<Cow<'a, str>> + Send + Sync>;
+pub(crate) type KeyFn = Arc<dyn for<'a> Fn(&RequestHead<'a>) -> Option<Cow<'a, str>> + Send + Sync>;
 
 #[derive(Clone)]
 pub(crate) enum KeyBy {
@@ -259,7 +258,10 @@ impl Registry {
             .map(|(_, k)| k.clone());
         let Some(key) = victim else { return false };
         for st in self.stripes.iter() {
-            st.map.write().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            st.map
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
         }
         master.remove(&key);
         tracing::debug!(target: "tower_upstream::breaker", key = &*key, "idle breaker evicted");

@@ -362,8 +362,7 @@ impl Builder {
         if self.open_base.is_zero() {
             return Err(err("breaker.open_duration", "must be more than zero"));
         }
-        if self.open_max < self.open_base || self.open_max.as_millis() > u128::from(UNTIL_MAX / 2)
-        {
+        if self.open_max < self.open_base || self.open_max.as_millis() > u128::from(UNTIL_MAX / 2) {
             return Err(err(
                 "breaker.max_open_duration",
                 format!(

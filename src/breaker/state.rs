@@ -120,7 +120,9 @@ fn grpc_pushback(headers: &HeaderMap) -> Option<Duration> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
     Success,
-    Failure { retry_after: Option<Duration> },
+    Failure {
+        retry_after: Option<Duration>,
+    },
     /// Not a sample: a local rejection, or the caller dropped the future.
     Ignored,
 }
@@ -211,11 +213,7 @@ impl Core {
             WindowConfig::Count(n) => Window::Count(CountWindow::new(n as usize)),
             WindowConfig::Time { size, buckets } => {
                 let bucket_ms = (size.as_millis() as u64 / u64::from(buckets)).max(1);
-                Window::Time(TimeWindow::new(
-                    bucket_ms,
-                    buckets as usize,
-                    config.stripes,
-                ))
+                Window::Time(TimeWindow::new(bucket_ms, buckets as usize, config.stripes))
             }
         };
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -234,7 +232,9 @@ impl Core {
 
     #[inline]
     pub(crate) fn now_ms(&self) -> u64 {
-        Instant::now().saturating_duration_since(self.base).as_millis() as u64
+        Instant::now()
+            .saturating_duration_since(self.base)
+            .as_millis() as u64
     }
 
     #[inline]
@@ -281,10 +281,7 @@ impl Core {
                     )
                 }
             };
-            match self
-                .word
-                .compare_exchange(cur.0, next.0, AcqRel, Acquire)
-            {
+            match self.word.compare_exchange(cur.0, next.0, AcqRel, Acquire) {
                 Ok(_) => {
                     if cur.state() == OPEN {
                         self.emit(State::Open, State::HalfOpen, Reason::OpenTimeElapsed);
@@ -342,10 +339,7 @@ impl Core {
             let trips = cur.trips() + 1;
             let until = now_ms + self.open_ms(trips, retry_after);
             let next = Word::new(OPEN, 0, 0, trips, until);
-            match self
-                .word
-                .compare_exchange(cur.0, next.0, AcqRel, Acquire)
-            {
+            match self.word.compare_exchange(cur.0, next.0, AcqRel, Acquire) {
                 Ok(_) => {
                     self.consecutive.store(0, Relaxed);
                     self.emit(State::Closed, State::Open, reason);
@@ -396,10 +390,7 @@ impl Core {
                     )
                 }
             };
-            match self
-                .word
-                .compare_exchange(cur.0, next.0, AcqRel, Acquire)
-            {
+            match self.word.compare_exchange(cur.0, next.0, AcqRel, Acquire) {
                 Ok(_) => {
                     if let Some((to, reason)) = change {
                         self.emit(State::HalfOpen, to, reason);

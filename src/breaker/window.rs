@@ -91,7 +91,9 @@ impl TimeWindow {
             buckets,
             stride,
             stripes,
-            words: (0..stride * stripes + 8).map(|_| AtomicU64::new(0)).collect(),
+            words: (0..stride * stripes + 8)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
     }
 
