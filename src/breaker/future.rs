@@ -50,16 +50,16 @@ impl Permit {
         }
         match self.admit {
             Admit::Closed => core.on_closed_outcome(self.pin.stripe, now, outcome),
-            Admit::Probe => core.on_probe_outcome(now, outcome),
+            Admit::Probe(gen) => core.on_probe_outcome(gen, now, outcome),
         }
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if !self.done && self.admit == Admit::Probe {
+        if let (false, Admit::Probe(gen)) = (self.done, self.admit) {
             let core = &self.pin.core;
-            core.on_probe_outcome(core.now_ms(), Outcome::Ignored);
+            core.on_probe_outcome(gen, core.now_ms(), Outcome::Ignored);
         }
     }
 }

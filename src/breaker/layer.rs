@@ -10,7 +10,9 @@ use tower_layer::Layer;
 
 use super::keyed::{default_stripes, KeyBy, Registry, RequestHead};
 use super::listener::Transition;
-use super::state::{Config, WindowConfig, UNTIL_MAX};
+use super::state::{Config, WindowConfig};
+
+const MAX_OPEN: Duration = Duration::from_secs(24 * 3600);
 use super::{BreakerHandle, CircuitBreaker, Shared};
 use crate::fault::Classifier;
 use crate::{grpc, ConfigError};
@@ -362,11 +364,11 @@ impl Builder {
         if self.open_base.is_zero() {
             return Err(err("breaker.open_duration", "must be more than zero"));
         }
-        if self.open_max < self.open_base || self.open_max.as_millis() > u128::from(UNTIL_MAX / 2) {
+        if self.open_max < self.open_base || self.open_max > MAX_OPEN {
             return Err(err(
                 "breaker.max_open_duration",
                 format!(
-                    "must be at least the open duration ({:?}) and under 17 years (got {:?})",
+                    "must be at least the open duration ({:?}) and at most a day (got {:?})",
                     self.open_base, self.open_max
                 ),
             ));

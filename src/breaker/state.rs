@@ -131,22 +131,29 @@ pub(crate) enum Outcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Admit {
     Closed,
-    Probe,
+    /// A probe of the half-open period with this generation.
+    Probe(u64),
 }
 
-// The state word: [open_until_ms: 40][trips: 5][probe successes: 8][probes in flight: 8][state: 3]
+// The state word:
+// [open_until in 4 ms units: 38][half-open generation: 3][trips: 5][probe successes: 8][probes in flight: 8][state: 2]
+// The generation tells a late probe of an earlier half-open period from a current one.
 const CLOSED: u64 = 0;
 const OPEN: u64 = 1;
 const HALF_OPEN: u64 = 2;
-const STATE_MASK: u64 = 0b111;
-const INFLIGHT_SHIFT: u32 = 3;
-const SUCCESS_SHIFT: u32 = 11;
-const TRIPS_SHIFT: u32 = 19;
-const UNTIL_SHIFT: u32 = 24;
+const STATE_MASK: u64 = 0b11;
+const INFLIGHT_SHIFT: u32 = 2;
+const SUCCESS_SHIFT: u32 = 10;
+const TRIPS_SHIFT: u32 = 18;
+const GEN_SHIFT: u32 = 23;
+const UNTIL_SHIFT: u32 = 26;
 const BYTE: u64 = 0xFF;
 const TRIPS_MAX: u64 = 31;
-/// The largest open-until time the word can hold, in ms since the breaker was made (~34 years).
-pub(crate) const UNTIL_MAX: u64 = (1 << 40) - 1;
+const GEN_MASK: u64 = 0b111;
+/// The largest open-until time the word can hold, in ms since the breaker was made (~35
+/// years of uptime).
+const UNTIL_MAX: u64 = ((1 << 38) - 1) * UNTIL_UNIT;
+const UNTIL_UNIT: u64 = 4;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Word(u64);
@@ -164,8 +171,12 @@ impl Word {
     fn trips(self) -> u64 {
         (self.0 >> TRIPS_SHIFT) & TRIPS_MAX
     }
+    /// Open until, in ms since the breaker was made.
     fn until(self) -> u64 {
-        self.0 >> UNTIL_SHIFT
+        (self.0 >> UNTIL_SHIFT) * UNTIL_UNIT
+    }
+    fn gen(self) -> u64 {
+        (self.0 >> GEN_SHIFT) & GEN_MASK
     }
     fn new(state: u64, in_flight: u64, successes: u64, trips: u64, until: u64) -> Word {
         Word(
@@ -173,8 +184,11 @@ impl Word {
                 | (in_flight & BYTE) << INFLIGHT_SHIFT
                 | (successes & BYTE) << SUCCESS_SHIFT
                 | trips.min(TRIPS_MAX) << TRIPS_SHIFT
-                | until.min(UNTIL_MAX) << UNTIL_SHIFT,
+                | until.min(UNTIL_MAX).div_ceil(UNTIL_UNIT) << UNTIL_SHIFT,
         )
+    }
+    fn with_gen(self, gen: u64) -> Word {
+        Word(self.0 & !(GEN_MASK << GEN_SHIFT) | (gen & GEN_MASK) << GEN_SHIFT)
     }
     fn public(self) -> State {
         match self.state() {
@@ -266,7 +280,7 @@ impl Core {
                     if now < cur.until() {
                         return Err(CircuitOpen::new(Duration::from_millis(cur.until() - now)));
                     }
-                    Word::new(HALF_OPEN, 1, 0, cur.trips(), 0)
+                    Word::new(HALF_OPEN, 1, 0, cur.trips(), 0).with_gen(cur.gen() + 1)
                 }
                 _ => {
                     if cur.in_flight() >= u64::from(self.config.probes) {
@@ -279,6 +293,7 @@ impl Core {
                         cur.trips(),
                         0,
                     )
+                    .with_gen(cur.gen())
                 }
             };
             match self.word.compare_exchange(cur.0, next.0, AcqRel, Acquire) {
@@ -286,7 +301,7 @@ impl Core {
                     if cur.state() == OPEN {
                         self.emit(State::Open, State::HalfOpen, Reason::OpenTimeElapsed);
                     }
-                    return Ok(Admit::Probe);
+                    return Ok(Admit::Probe(next.gen()));
                 }
                 Err(actual) => cur = Word(actual),
             }
@@ -338,7 +353,7 @@ impl Core {
             }
             let trips = cur.trips() + 1;
             let until = now_ms + self.open_ms(trips, retry_after);
-            let next = Word::new(OPEN, 0, 0, trips, until);
+            let next = Word::new(OPEN, 0, 0, trips, until).with_gen(cur.gen());
             match self.word.compare_exchange(cur.0, next.0, AcqRel, Acquire) {
                 Ok(_) => {
                     self.consecutive.store(0, Relaxed);
@@ -351,16 +366,17 @@ impl Core {
     }
 
     /// Records the outcome of a probe (or returns its permit).
-    pub(crate) fn on_probe_outcome(&self, now_ms: u64, outcome: Outcome) {
+    pub(crate) fn on_probe_outcome(&self, gen: u64, now_ms: u64, outcome: Outcome) {
         let mut cur = Word(self.word.load(Acquire));
         loop {
-            if cur.state() != HALF_OPEN {
+            // A late probe of an earlier half-open period has no say in this one.
+            if cur.state() != HALF_OPEN || cur.gen() != gen {
                 return;
             }
             let in_flight = cur.in_flight().saturating_sub(1);
             let (next, change) = match outcome {
                 Outcome::Ignored => (
-                    Word::new(HALF_OPEN, in_flight, cur.successes(), cur.trips(), 0),
+                    Word::new(HALF_OPEN, in_flight, cur.successes(), cur.trips(), 0).with_gen(gen),
                     None,
                 ),
                 Outcome::Success => {
@@ -371,12 +387,13 @@ impl Core {
                         self.window.reset();
                         self.consecutive.store(0, Relaxed);
                         (
-                            Word::new(CLOSED, 0, 0, 0, 0),
+                            Word::new(CLOSED, 0, 0, 0, 0).with_gen(gen),
                             Some((State::Closed, Reason::ProbesSucceeded)),
                         )
                     } else {
                         (
-                            Word::new(HALF_OPEN, in_flight, successes, cur.trips(), 0),
+                            Word::new(HALF_OPEN, in_flight, successes, cur.trips(), 0)
+                                .with_gen(gen),
                             None,
                         )
                     }
@@ -385,7 +402,7 @@ impl Core {
                     let trips = cur.trips() + 1;
                     let until = now_ms + self.open_ms(trips, retry_after);
                     (
-                        Word::new(OPEN, 0, 0, trips, until),
+                        Word::new(OPEN, 0, 0, trips, until).with_gen(gen),
                         Some((State::Open, Reason::ProbeFailed)),
                     )
                 }
