@@ -635,3 +635,153 @@ fn assert_send_sync() {
     is::<tower_upstream::breaker::BreakerHandle>();
     is::<tower_upstream::breaker::Snapshot>();
 }
+
+mod state_machine {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Mutex;
+
+    use proptest::prelude::*;
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Start,
+        Finish { which: usize, fail: bool },
+        Drop { which: usize },
+        Advance { ms: u64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => Just(Op::Start),
+            3 => (any::<usize>(), any::<bool>()).prop_map(|(which, fail)| Op::Finish { which, fail }),
+            1 => any::<usize>().prop_map(|which| Op::Drop { which }),
+            2 => (0u64..3000).prop_map(|ms| Op::Advance { ms }),
+        ]
+    }
+
+    type Fut = Pin<Box<dyn Future<Output = Result<http::Response<()>, BoxError>> + Send>>;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+        #[test]
+        fn invariants(probes in 1u32..4, successes in 1u32..4, ops in proptest::collection::vec(op(), 1..120)) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(run(probes, successes, ops));
+        }
+    }
+
+    async fn run(probes: u32, successes: u32, ops: Vec<Op>) {
+        let slot: Arc<Mutex<Option<oneshot::Receiver<bool>>>> = Arc::default();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let inner = {
+            let (slot, hits) = (slot.clone(), hits.clone());
+            tower::service_fn(move |_r: http::Request<()>| {
+                hits.fetch_add(1, SeqCst);
+                let rx = slot.lock().unwrap().take().unwrap();
+                async move {
+                    let fail = rx.await.unwrap_or(false);
+                    Ok::<_, BoxError>(
+                        http::Response::builder()
+                            .status(if fail { 503 } else { 200 })
+                            .body(())
+                            .unwrap(),
+                    )
+                }
+            })
+        };
+        let rec = Recorder::default();
+        let layer = CircuitBreakerLayer::builder()
+            .single()
+            .consecutive_failures(2)
+            .count_window(5)
+            .min_calls(3)
+            .open_duration(Duration::from_secs(1))
+            .max_open_duration(Duration::from_secs(4))
+            .half_open_probes(probes)
+            .probe_successes(successes)
+            .on_transition(rec.listener())
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let mut svc = layer.layer(inner);
+        // (outcome sender, future, admitted as a probe of this half-open period)
+        let mut pending: Vec<(oneshot::Sender<bool>, Fut, Option<u32>)> = Vec::new();
+        let mut period = 0u32;
+        let mut probe_ok = 0u32;
+        let mut seen = 0usize;
+
+        for op in ops {
+            let before = handle.snapshot(NO_KEY).unwrap();
+            match op {
+                Op::Start => {
+                    let (tx, rx) = oneshot::channel();
+                    *slot.lock().unwrap() = Some(rx);
+                    let h0 = hits.load(SeqCst);
+                    let mut fut: Fut = Box::pin(svc.call(http::Request::new(())));
+                    let admitted = hits.load(SeqCst) > h0;
+                    let live_probes = pending.iter().filter(|p| p.2 == Some(period)).count() as u32;
+                    match before.state() {
+                        State::Closed => assert!(admitted, "closed always admits"),
+                        State::Open if before.time_until_probe() > Some(Duration::ZERO) => {
+                            assert!(!admitted, "open never admits")
+                        }
+                        _ => assert_eq!(admitted, live_probes < probes, "probe bound"),
+                    }
+                    if admitted {
+                        let probe = match before.state() {
+                            State::Closed => None,
+                            State::Open => Some(period + 1),
+                            _ => Some(period),
+                        };
+                        pending.push((tx, fut, probe));
+                    } else {
+                        slot.lock().unwrap().take();
+                        match futures_util::FutureExt::now_or_never(fut.as_mut()) {
+                            Some(Err(e)) => assert!(e.is::<CircuitOpen>()),
+                            _ => panic!("refusal must be immediate"),
+                        }
+                    }
+                }
+                Op::Finish { which, fail } => {
+                    if !pending.is_empty() {
+                        let (tx, fut, probe) = pending.remove(which % pending.len());
+                        tx.send(fail).unwrap();
+                        fut.await.unwrap();
+                        if probe == Some(period) && !fail {
+                            probe_ok += 1;
+                        }
+                    }
+                }
+                Op::Drop { which } => {
+                    if !pending.is_empty() {
+                        drop(pending.remove(which % pending.len()));
+                    }
+                }
+                Op::Advance { ms } => tokio::time::advance(Duration::from_millis(ms)).await,
+            }
+            let after = handle.snapshot(NO_KEY).unwrap();
+            assert!(after.probes_in_flight() <= probes, "probes in flight");
+            for (from, to) in rec.states()[seen..].iter().copied() {
+                if (from, to) == (State::HalfOpen, State::Closed) {
+                    assert!(
+                        probe_ok >= successes,
+                        "closed after {probe_ok} probe successes"
+                    );
+                }
+                if to == State::HalfOpen {
+                    probe_ok = 0;
+                    period += 1;
+                }
+            }
+            seen = rec.states().len();
+        }
+    }
+}
