@@ -785,3 +785,144 @@ mod state_machine {
         }
     }
 }
+
+/// A real upstream on 127.0.0.1 answers 503, then goes away (refused), then comes back on the
+/// same port; a hyper-util client behind the breaker. Real time, short open durations.
+mod end_to_end {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use http_body_util::{Empty, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn spawn_upstream(
+        listener: TcpListener,
+        hits: Arc<AtomicUsize>,
+        status: u16,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let hits = hits.clone();
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        hits.fetch_add(1, SeqCst);
+                        async move {
+                            Ok::<_, Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::new()))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn upstream_goes_down_and_comes_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let key = addr.to_string();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let server = spawn_upstream(listener, hits.clone(), 503);
+
+        let rec = Recorder::default();
+        let layer = CircuitBreakerLayer::builder()
+            .consecutive_failures(3)
+            .open_duration(Duration::from_millis(300))
+            .max_open_duration(Duration::from_secs(2))
+            .jitter(0.0)
+            .on_transition(rec.listener())
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let mut svc = layer.layer(client);
+        let uri = format!("http://{addr}/");
+        let get = || {
+            http::Request::get(&uri)
+                .body(Empty::<Bytes>::new())
+                .unwrap()
+        };
+
+        // 503s open the circuit.
+        for _ in 0..3 {
+            let resp = svc.ready().await.unwrap().call(get()).await.unwrap();
+            assert_eq!(resp.status(), 503);
+        }
+        assert_eq!(hits.load(SeqCst), 3);
+        assert_eq!(handle.snapshot(&key).unwrap().state(), State::Open);
+
+        // Refused without touching the upstream.
+        for _ in 0..5 {
+            let err = svc.ready().await.unwrap().call(get()).await.unwrap_err();
+            let open = err.downcast_ref::<CircuitOpen>().expect("CircuitOpen");
+            assert!(open.retry_after() > Duration::ZERO);
+            // Open times are kept at a 4 ms granularity.
+            assert!(open.retry_after() <= Duration::from_millis(304));
+            let c = classify(&*err);
+            assert_eq!(c.fault(), Fault::DestinationUnavailable);
+            assert_eq!(c.retry_after(), Some(open.retry_after()));
+        }
+        assert_eq!(hits.load(SeqCst), 3);
+
+        // The upstream goes away: the probe is refused, the circuit opens again, longer.
+        server.abort();
+        let _ = server.await;
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let err = svc.ready().await.unwrap().call(get()).await.unwrap_err();
+        assert!(
+            !err.is::<CircuitOpen>(),
+            "the probe reached the network: {err}"
+        );
+        let fault = classify(&*err).fault();
+        assert!(
+            matches!(
+                fault,
+                Fault::ConnectionRefused | Fault::ConnectionTerminated
+            ),
+            "{fault}: {err:?}"
+        );
+        let snap = handle.snapshot(&key).unwrap();
+        assert_eq!(snap.state(), State::Open);
+        assert!(snap.time_until_probe().unwrap() > Duration::from_millis(300));
+
+        // It comes back on the same port; the breaker closes by itself once the open time
+        // has passed.
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let server = spawn_upstream(listener, hits.clone(), 200);
+        let err = svc.ready().await.unwrap().call(get()).await.unwrap_err();
+        assert!(err.is::<CircuitOpen>());
+        assert_eq!(hits.load(SeqCst), 3);
+        tokio::time::sleep(Duration::from_millis(650)).await;
+        for _ in 0..3 {
+            let resp = svc.ready().await.unwrap().call(get()).await.unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+        assert_eq!(hits.load(SeqCst), 6);
+        assert_eq!(handle.snapshot(&key).unwrap().state(), State::Closed);
+        assert_eq!(
+            rec.states(),
+            vec![
+                (State::Closed, State::Open),
+                (State::Open, State::HalfOpen),
+                (State::HalfOpen, State::Open),
+                (State::Open, State::HalfOpen),
+                (State::HalfOpen, State::Closed),
+            ]
+        );
+        server.abort();
+    }
+}
