@@ -75,20 +75,30 @@ fn pack(tag: u64, calls: u64, failures: u64) -> u64 {
 #[derive(Debug)]
 pub(crate) struct TimeWindow {
     bucket_ms: u64,
+    /// `u64::MAX / bucket_ms`: divides by a multiplication on the hot path.
+    reciprocal: u64,
     buckets: usize,
+    /// Slots per stripe: `buckets` rounded up to a power of two, so a slot is found by masking.
+    ring: usize,
     /// Distance between two stripes' rows, in words: at least 8 words (64 bytes) of gap, so
     /// two stripes never share a cache line.
     stride: usize,
+    /// A power of two.
     stripes: usize,
     words: Box<[AtomicU64]>,
 }
 
 impl TimeWindow {
     pub(crate) fn new(bucket_ms: u64, buckets: usize, stripes: usize) -> Self {
-        let stride = buckets + 8;
+        let bucket_ms = bucket_ms.max(1);
+        let ring = buckets.next_power_of_two();
+        let stripes = stripes.next_power_of_two();
+        let stride = ring + 8;
         TimeWindow {
-            bucket_ms: bucket_ms.max(1),
+            bucket_ms,
+            reciprocal: u64::MAX / bucket_ms,
             buckets,
+            ring,
             stride,
             stripes,
             words: (0..stride * stripes + 8)
@@ -97,15 +107,28 @@ impl TimeWindow {
         }
     }
 
+    /// `now_ms / bucket_ms`, without a division instruction.
+    #[inline]
+    fn bucket(&self, now_ms: u64) -> u64 {
+        let q = ((u128::from(now_ms) * u128::from(self.reciprocal)) >> 64) as u64;
+        // `q` is the quotient or one less.
+        if (q + 1) * self.bucket_ms <= now_ms {
+            q + 1
+        } else {
+            q
+        }
+    }
+
     #[inline]
     fn slot(&self, stripe: usize, bucket: u64) -> &AtomicU64 {
-        let i = (stripe % self.stripes) * self.stride + 8 + (bucket % self.buckets as u64) as usize;
+        let i =
+            (stripe & (self.stripes - 1)) * self.stride + 8 + (bucket as usize & (self.ring - 1));
         &self.words[i]
     }
 
     #[inline]
     pub(crate) fn record(&self, stripe: usize, now_ms: u64, failure: bool) {
-        let bucket = now_ms / self.bucket_ms;
+        let bucket = self.bucket(now_ms);
         let tag = bucket & TAG_MASK;
         let slot = self.slot(stripe, bucket);
         let mut cur = slot.load(Relaxed);
@@ -124,7 +147,7 @@ impl TimeWindow {
     }
 
     pub(crate) fn totals(&self, now_ms: u64) -> Totals {
-        let now = now_ms / self.bucket_ms;
+        let now = self.bucket(now_ms);
         let mut totals = Totals::default();
         for stripe in 0..self.stripes {
             for back in 0..(self.buckets as u64).min(now + 1) {
@@ -230,6 +253,24 @@ mod tests {
         assert_eq!(w.totals(10_001).calls, 2);
         w.reset();
         assert_eq!(w.totals(10_001), Totals::default());
+    }
+
+    #[test]
+    fn bucket_is_the_quotient() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for d in [1u64, 3, 7, 100, 333, 1000, 1024, 6000, 86_400_000] {
+            let w = TimeWindow::new(d, 10, 2);
+            for _ in 0..10_000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let n = x >> 24; // up to 2^40 ms
+                assert_eq!(w.bucket(n), n / d, "{n} / {d}");
+            }
+            for n in [0, d - 1, d, d + 1, 2 * d - 1, 2 * d] {
+                assert_eq!(w.bucket(n), n / d);
+            }
+        }
     }
 
     #[test]
