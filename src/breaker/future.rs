@@ -40,7 +40,6 @@ impl Permit {
     pub(crate) fn complete(mut self, mut outcome: Outcome) {
         self.done = true;
         let core = &self.pin.core;
-        let now = core.now_ms();
         if let (Outcome::Success, Some(started), Some(slow)) =
             (outcome, self.started, core.config.slow_call)
         {
@@ -49,8 +48,8 @@ impl Permit {
             }
         }
         match self.admit {
-            Admit::Closed => core.on_closed_outcome(self.pin.stripe, now, outcome),
-            Admit::Probe(gen) => core.on_probe_outcome(gen, now, outcome),
+            Admit::Closed => core.on_closed_outcome(self.pin.stripe, outcome),
+            Admit::Probe(gen) => core.on_probe_outcome(gen, core.now_ms(), outcome),
         }
     }
 }

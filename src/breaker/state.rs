@@ -3,7 +3,7 @@
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{
-    AtomicU32, AtomicU64,
+    AtomicBool, AtomicU32, AtomicU64,
     Ordering::{AcqRel, Acquire, Relaxed},
 };
 use std::sync::Arc;
@@ -205,8 +205,11 @@ pub(crate) struct Core {
     consecutive: AtomicU32,
     window: Window,
     base: Instant,
-    /// Last use, in units of 1024 ms since `base`; written at most about once a second.
+    /// Last use seen with a clock, in units of 1024 ms since `base`; written at most about
+    /// once a second.
     last_used: AtomicU64,
+    /// Used since the last eviction scan (successes read no clock): second chance.
+    used: AtomicBool,
     rng: AtomicU64,
     pub(crate) key: Box<str>,
     pub(crate) config: Arc<Config>,
@@ -238,6 +241,7 @@ impl Core {
             window,
             base: Instant::now(),
             last_used: AtomicU64::new(0),
+            used: AtomicBool::new(false),
             rng: AtomicU64::new(h.finish() | 1),
             key,
             config,
@@ -259,7 +263,13 @@ impl Core {
         }
     }
 
+    /// How long this breaker has gone unused, as far as is known; called by the eviction
+    /// scan, which also clears the used flag (a breaker used since the last scan is not idle).
     pub(crate) fn idle_for(&self, now_ms: u64) -> Duration {
+        if self.used.swap(false, Relaxed) {
+            self.touch(now_ms);
+            return Duration::ZERO;
+        }
         Duration::from_millis(now_ms.saturating_sub(self.last_used.load(Relaxed) << 10))
     }
 
@@ -308,30 +318,36 @@ impl Core {
         }
     }
 
-    /// Records the outcome of a call admitted while closed.
+    /// Records the outcome of a call admitted while closed. A success reads no clock (but
+    /// every [`CLOCK_EVERY`](super::window::CLOCK_EVERY)-th of a stripe); a failure does.
     #[inline]
-    pub(crate) fn on_closed_outcome(&self, stripe: usize, now_ms: u64, outcome: Outcome) {
-        self.touch(now_ms);
-        let failure = match outcome {
+    pub(crate) fn on_closed_outcome(&self, stripe: usize, outcome: Outcome) {
+        let retry_after = match outcome {
             Outcome::Ignored => return,
-            Outcome::Success => false,
-            Outcome::Failure { .. } => true,
+            Outcome::Success => None,
+            Outcome::Failure { retry_after } => Some(retry_after),
         };
         // A call admitted before the circuit opened is not a sample of the new state.
         if Word(self.word.load(Relaxed)).state() != CLOSED {
             return;
         }
-        self.window.record(stripe, now_ms, failure);
-        if !failure {
+        let Some(retry_after) = retry_after else {
+            if !self.used.load(Relaxed) {
+                self.used.store(true, Relaxed);
+            }
+            if self.window.record_success(stripe) {
+                let now = self.now_ms();
+                self.touch(now);
+                self.window.tick(stripe, now);
+            }
             if self.consecutive.load(Relaxed) != 0 {
                 self.consecutive.store(0, Relaxed);
             }
             return;
-        }
-        let retry_after = match outcome {
-            Outcome::Failure { retry_after } => retry_after,
-            _ => None,
         };
+        let now_ms = self.now_ms();
+        self.touch(now_ms);
+        self.window.record_failure(stripe, now_ms);
         let c = &*self.config;
         let in_a_row = self.consecutive.fetch_add(1, Relaxed).saturating_add(1);
         if c.consecutive_failures != 0 && in_a_row >= c.consecutive_failures {

@@ -25,13 +25,35 @@ pub(crate) enum Window {
     Count(CountWindow),
 }
 
+/// Successes a stripe of the time window (or the count window's cursor) takes between two
+/// clock reads.
+pub(crate) const CLOCK_EVERY: u64 = 64;
+
 impl Window {
-    /// Records one outcome. `now_ms` is only read by the time window.
+    /// Records a success without reading the clock. Returns true when the caller should read
+    /// the clock and call [`tick`](Self::tick) (every [`CLOCK_EVERY`] calls of a stripe).
     #[inline]
-    pub(crate) fn record(&self, stripe: usize, now_ms: u64, failure: bool) {
+    pub(crate) fn record_success(&self, stripe: usize) -> bool {
         match self {
-            Window::Time(w) => w.record(stripe, now_ms, failure),
-            Window::Count(w) => w.record(failure),
+            Window::Time(w) => w.record_pending(stripe),
+            Window::Count(w) => w.record(false) % CLOCK_EVERY == 0,
+        }
+    }
+
+    /// Records a failure (at `now_ms`).
+    pub(crate) fn record_failure(&self, stripe: usize, now_ms: u64) {
+        match self {
+            Window::Time(w) => w.record(stripe, now_ms, true),
+            Window::Count(w) => {
+                w.record(true);
+            }
+        }
+    }
+
+    /// Files a stripe's pending successes under the bucket of `now_ms`.
+    pub(crate) fn tick(&self, stripe: usize, now_ms: u64) {
+        if let Window::Time(w) = self {
+            w.fold(stripe, now_ms);
         }
     }
 
@@ -126,8 +148,35 @@ impl TimeWindow {
         &self.words[i]
     }
 
+    /// The stripe's count of successes not yet filed under a bucket (word 0 of its row).
     #[inline]
+    fn pending(&self, stripe: usize) -> &AtomicU64 {
+        &self.words[(stripe & (self.stripes - 1)) * self.stride]
+    }
+
+    /// A success, counted without a clock read; filed under a bucket at the stripe's next
+    /// clock read (every [`CLOCK_EVERY`] successes, or its next failure). Filing them under
+    /// the bucket of that read can only make them look more recent than they were: the
+    /// failure rate is never overstated, and a partial outage is seen at most that many
+    /// calls late.
+    #[inline]
+    pub(crate) fn record_pending(&self, stripe: usize) -> bool {
+        self.pending(stripe).fetch_add(1, Relaxed) + 1 >= CLOCK_EVERY
+    }
+
+    pub(crate) fn fold(&self, stripe: usize, now_ms: u64) {
+        let n = self.pending(stripe).swap(0, Relaxed);
+        if n > 0 {
+            self.add(stripe, now_ms, n, 0);
+        }
+    }
+
     pub(crate) fn record(&self, stripe: usize, now_ms: u64, failure: bool) {
+        let n = self.pending(stripe).swap(0, Relaxed);
+        self.add(stripe, now_ms, n + 1, u64::from(failure));
+    }
+
+    fn add(&self, stripe: usize, now_ms: u64, calls_add: u64, failures_add: u64) {
         let bucket = self.bucket(now_ms);
         let tag = bucket & TAG_MASK;
         let slot = self.slot(stripe, bucket);
@@ -138,7 +187,11 @@ impl TimeWindow {
             if calls == COUNT_MAX {
                 return;
             }
-            let new = pack(tag, calls + 1, failures + u64::from(failure));
+            let new = pack(
+                tag,
+                (calls + calls_add).min(COUNT_MAX),
+                (failures + failures_add).min(COUNT_MAX),
+            );
             match slot.compare_exchange_weak(cur, new, Relaxed, Relaxed) {
                 Ok(_) => return,
                 Err(actual) => cur = actual,
@@ -150,6 +203,7 @@ impl TimeWindow {
         let now = self.bucket(now_ms);
         let mut totals = Totals::default();
         for stripe in 0..self.stripes {
+            totals.calls += self.pending(stripe).load(Relaxed);
             for back in 0..(self.buckets as u64).min(now + 1) {
                 let bucket = now - back;
                 let (tag, calls, failures) = unpack(self.slot(stripe, bucket).load(Relaxed));
@@ -190,8 +244,10 @@ impl CountWindow {
         }
     }
 
-    pub(crate) fn record(&self, failure: bool) {
-        let i = self.cursor.fetch_add(1, Relaxed) % self.slots.len() as u64;
+    /// Records an outcome; returns the cursor before it.
+    pub(crate) fn record(&self, failure: bool) -> u64 {
+        let cursor = self.cursor.fetch_add(1, Relaxed);
+        let i = cursor % self.slots.len() as u64;
         let new = if failure { FAILURE } else { SUCCESS };
         let old = self.slots[i as usize].swap(new, Relaxed);
         let calls: u64 = u64::from(old == EMPTY);
@@ -201,6 +257,7 @@ impl CountWindow {
         if delta != 0 {
             self.totals.fetch_add(delta, Relaxed);
         }
+        cursor
     }
 
     pub(crate) fn totals(&self) -> Totals {
