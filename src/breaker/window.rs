@@ -102,8 +102,9 @@ pub(crate) struct TimeWindow {
     buckets: usize,
     /// Slots per stripe: `buckets` rounded up to a power of two, so a slot is found by masking.
     ring: usize,
-    /// Distance between two stripes' rows, in words: at least 8 words (64 bytes) of gap, so
-    /// two stripes never share a cache line.
+    /// Distance between two stripes' rows, in words. A row is the pending-successes word, 7
+    /// words of padding, the `ring` bucket slots and 8 more words of padding: two stripes
+    /// never share a cache line.
     stride: usize,
     /// A power of two.
     stripes: usize,
@@ -115,7 +116,7 @@ impl TimeWindow {
         let bucket_ms = bucket_ms.max(1);
         let ring = buckets.next_power_of_two();
         let stripes = stripes.next_power_of_two();
-        let stride = ring + 8;
+        let stride = ring + 16;
         TimeWindow {
             bucket_ms,
             reciprocal: u64::MAX / bucket_ms,

@@ -12,9 +12,14 @@ use http::{Request, Response, Uri};
 use tokio::time::Instant;
 use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
 
+/// A request to an upstream with an authority (so the keyed breaker really looks its key
+/// up); the URI is parsed once, a clone of it is cheap.
 fn request() -> Request<()> {
+    static URI: std::sync::OnceLock<Uri> = std::sync::OnceLock::new();
     let mut req = Request::new(());
-    *req.uri_mut() = Uri::from_static("http://upstream.internal/");
+    *req.uri_mut() = URI
+        .get_or_init(|| Uri::from_static("http://upstream.internal/"))
+        .clone();
     req
 }
 
