@@ -160,7 +160,7 @@ where
             },
             KindProj::Refused { error } => Poll::Ready(Err(error
                 .take()
-                .map_or_else(|| CircuitOpen::new(Default::default()), |e| e)
+                .unwrap_or_else(|| CircuitOpen::new(Default::default()))
                 .into())),
         }
     }

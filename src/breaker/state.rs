@@ -1,7 +1,7 @@
 //! One breaker's state machine: a packed state word changed only by compare-and-swap.
 
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64,
     Ordering::{AcqRel, Acquire, Relaxed},
@@ -233,8 +233,7 @@ impl Core {
                 Window::Time(TimeWindow::new(bucket_ms, buckets as usize, config.stripes))
             }
         };
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        key.hash(&mut h);
+        let seed = std::collections::hash_map::RandomState::new().hash_one(&key);
         Core {
             word: AtomicU64::new(0),
             consecutive: AtomicU32::new(0),
@@ -242,7 +241,7 @@ impl Core {
             base: Instant::now(),
             last_used: AtomicU64::new(0),
             used: AtomicBool::new(false),
-            rng: AtomicU64::new(h.finish() | 1),
+            rng: AtomicU64::new(seed | 1),
             key,
             config,
         }

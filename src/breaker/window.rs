@@ -3,9 +3,11 @@
 //! Two shapes, both lock-free:
 //!
 //! - [`TimeWindow`]: the last `T`, cut into buckets. Every thread writes to its own stripe (a
-//!   row of bucket words on cache lines no other stripe touches), so recording an outcome is
-//!   one uncontended compare-and-swap. Reading the totals (only on failures, and for
-//!   snapshots) sums every stripe.
+//!   row of bucket words on cache lines no other stripe touches). A success is one
+//!   uncontended add to the stripe's pending count, filed under a bucket at the stripe's next
+//!   clock read (every 64 successes or its next failure); a failure is one uncontended
+//!   compare-and-swap. Reading the totals (only on failures, and for snapshots) sums every
+//!   stripe.
 //! - [`CountWindow`]: exactly the last `N` calls, as a ring of outcome slots with one shared
 //!   cursor. Exact, but every call touches the cursor, so it does not scale across cores like
 //!   the time window does; it is meant for low-rate upstreams.
