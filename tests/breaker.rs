@@ -926,3 +926,78 @@ mod end_to_end {
         server.abort();
     }
 }
+
+/// Many threads race through the open → half-open move: exactly `probes` calls get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn half_open_race_admits_exactly_the_probe_limit() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let inner = {
+        let (hits, release) = (hits.clone(), release.clone());
+        tower::service_fn(move |r: http::Request<()>| {
+            hits.fetch_add(1, SeqCst);
+            let fail = r.headers().contains_key("x-do");
+            let release = release.clone();
+            async move {
+                if !fail {
+                    release.notified().await;
+                }
+                Ok::<_, BoxError>(
+                    http::Response::builder()
+                        .status(if fail { 503 } else { 200 })
+                        .body(())
+                        .unwrap(),
+                )
+            }
+        })
+    };
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .open_duration(Duration::from_millis(20))
+        .jitter(0.0)
+        .half_open_probes(3)
+        .probe_successes(3)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let svc = layer.layer(inner);
+    send(&mut svc.clone(), req(UP, "503")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    hits.store(0, SeqCst);
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (mut svc, barrier) = (svc.clone(), barrier.clone());
+        tasks.spawn(async move {
+            barrier.wait().await;
+            let r = http::Request::get(format!("http://{UP}/"))
+                .body(())
+                .unwrap();
+            svc.ready().await.unwrap().call(r).await
+        });
+    }
+    // Let every task reach the breaker, then let the probes finish.
+    while hits.load(SeqCst) < 3 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(hits.load(SeqCst), 3);
+    assert_eq!(handle.snapshot(UP).unwrap().probes_in_flight(), 3);
+    let (mut ok, mut refused) = (0, 0);
+    while !tasks.is_empty() {
+        release.notify_waiters();
+        if let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(5), tasks.join_next()).await
+        {
+            match r.unwrap() {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    assert!(e.is::<CircuitOpen>());
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert_eq!((ok, refused), (3, 61));
+    assert_eq!(handle.snapshot(UP).unwrap().state(), State::Closed);
+}

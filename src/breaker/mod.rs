@@ -338,8 +338,8 @@ impl Snapshot {
         self.state
     }
 
-    /// Calls in the window. Zero while open or half-open: the window restarts when the
-    /// circuit closes.
+    /// Calls in the window. While open or half-open, the window holds the calls that opened
+    /// the circuit; it restarts empty when the circuit closes.
     pub fn calls(&self) -> u64 {
         self.calls
     }
