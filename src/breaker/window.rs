@@ -104,9 +104,10 @@ pub(crate) struct TimeWindow {
     buckets: usize,
     /// Slots per stripe: `buckets` rounded up to a power of two, so a slot is found by masking.
     ring: usize,
-    /// Distance between two stripes' rows, in words. A row is the pending-successes word, 7
-    /// words of padding, the `ring` bucket slots and 8 more words of padding: two stripes
-    /// never share a cache line.
+    /// Distance between two stripes' rows, in words. After 8 words of padding (away from
+    /// whatever the allocator put before), a row is the pending-successes word, 7 words of
+    /// padding, the `ring` bucket slots and 8 more words of padding: two stripes never share
+    /// a cache line, nor does a stripe with anything else.
     stride: usize,
     /// A power of two.
     stripes: usize,
@@ -126,7 +127,7 @@ impl TimeWindow {
             ring,
             stride,
             stripes,
-            words: (0..stride * stripes + 8)
+            words: (0..8 + stride * stripes)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
         }
@@ -147,14 +148,14 @@ impl TimeWindow {
     #[inline]
     fn slot(&self, stripe: usize, bucket: u64) -> &AtomicU64 {
         let i =
-            (stripe & (self.stripes - 1)) * self.stride + 8 + (bucket as usize & (self.ring - 1));
+            16 + (stripe & (self.stripes - 1)) * self.stride + (bucket as usize & (self.ring - 1));
         &self.words[i]
     }
 
     /// The stripe's count of successes not yet filed under a bucket (word 0 of its row).
     #[inline]
     fn pending(&self, stripe: usize) -> &AtomicU64 {
-        &self.words[(stripe & (self.stripes - 1)) * self.stride]
+        &self.words[8 + (stripe & (self.stripes - 1)) * self.stride]
     }
 
     /// A success, counted without a clock read; filed under a bucket at the stripe's next
