@@ -82,6 +82,7 @@ pub mod map_faults;
 pub mod retry;
 pub mod timeout;
 
+pub use breaker::{CircuitBreaker, CircuitBreakerLayer};
 pub use deadline::{Deadline, DeadlineLayer, RequestDeadline};
 pub use error::ConfigError;
 pub use fault::{Classification, Classifier, Fault, Sent};

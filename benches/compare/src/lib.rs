@@ -1,0 +1,1 @@
+//! Peer comparison benches only; see `benches/compare.rs`.
