@@ -11,9 +11,10 @@
 //! demo prints, for every case, what the gateway's client saw, and exits non-zero if any
 //! answer differs from the status table.
 
+use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -28,14 +29,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tower::{service_fn, BoxError, ServiceBuilder};
+use tower_upstream::breaker::BreakerHandle;
 use tower_upstream::map_faults::MapFaultsLayer;
 use tower_upstream::retry::ReplayBody;
-use tower_upstream::{AttemptTimeoutLayer, DeadlineLayer, RetryLayer};
+use tower_upstream::{AttemptTimeoutLayer, CircuitBreakerLayer, DeadlineLayer, RetryLayer};
 
 type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// How many requests reached `/flaky`: it resets the first two of every three.
 static FLAKY_HITS: AtomicU32 = AtomicU32::new(0);
+
+/// Whether `/down` has recovered (it answers 503 until then).
+static DOWN_HEALED: AtomicBool = AtomicBool::new(false);
 
 /// Calls the gateway's retry layer made to its inner service (attempts) for the current case.
 static ATTEMPTS: AtomicU32 = AtomicU32::new(0);
@@ -67,6 +72,12 @@ async fn misbehave(mut stream: TcpStream) {
             // Read the request, then never answer (hold the connection open a while).
             tokio::time::sleep(Duration::from_secs(30)).await;
             return;
+        }
+        "/down" if DOWN_HEALED.load(Ordering::Relaxed) => {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nback\n".to_vec()
+        }
+        "/down" => {
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_vec()
         }
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(120)).await;
@@ -141,7 +152,7 @@ fn local_resolver() -> impl tower::Service<
 async fn start_gateway(
     upstream: SocketAddr,
     dead_port: SocketAddr,
-) -> Result<SocketAddr, BoxError> {
+) -> Result<(SocketAddr, BreakerHandle), BoxError> {
     let client: Client<_, Body> = Client::builder(TokioExecutor::new())
         .build(HttpConnector::new_with_resolver(local_resolver()));
 
@@ -165,12 +176,23 @@ async fn start_gateway(
         }
     });
 
+    // One circuit per path here, so that each demo case has its own (a real gateway keys by
+    // upstream, the default); 5 failures in a row open it for 500 ms.
+    let breaker = CircuitBreakerLayer::builder()
+        .key_fn(|head| Some(Cow::Borrowed(head.uri().path())))
+        .consecutive_failures(5)
+        .open_duration(Duration::from_millis(500))
+        .jitter(0.0)
+        .build()?;
+    let handle = breaker.handle();
+
     // Outermost first: answer faults; give each request 1 s in all; retry safely (at most 3
-    // attempts, within a budget); give each attempt 250 ms.
+    // attempts, within a budget); break the circuit; give each attempt 250 ms.
     let stack = ServiceBuilder::new()
         .layer(MapFaultsLayer::builder().gateway_name("demo-gw").build()?)
         .layer(DeadlineLayer::new(Duration::from_secs(1)))
         .layer(RetryLayer::builder().max_attempts(3).build()?)
+        .layer(breaker)
         .layer(AttemptTimeoutLayer::new(Duration::from_millis(250)))
         .service(proxy);
     let app = Router::new().fallback_service(stack);
@@ -180,7 +202,7 @@ async fn start_gateway(
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    Ok(addr)
+    Ok((addr, handle))
 }
 
 struct Case {
@@ -216,7 +238,7 @@ const CASES: &[Case] = &[
     },
     Case {
         method: "POST",
-        path: "/refused/x",
+        path: "/refused/y",
         fault: "refused (never sent)",
         expect: StatusCode::BAD_GATEWAY,
         attempts: 3..=3,
@@ -322,7 +344,7 @@ async fn main() -> Result<(), BoxError> {
         let l = TcpListener::bind("127.0.0.1:0").await?;
         l.local_addr()?
     };
-    let gateway = start_gateway(upstream, dead_port).await?;
+    let (gateway, breaker) = start_gateway(upstream, dead_port).await?;
     println!("flaky upstream on {upstream}, gateway on {gateway}\n");
 
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -372,6 +394,64 @@ async fn main() -> Result<(), BoxError> {
             if ok { "" } else { "  <-- unexpected" }
         );
     }
+
+    println!("\ncircuit breaker on /down (the upstream answers 503 until it recovers):\n");
+    println!(
+        "{:<34} {:<6} {:<8} {:<42} {:<11} {:<8}",
+        "step", "status", "attempts", "proxy-status", "retry-after", "breaker"
+    );
+    println!("{}", "-".repeat(114));
+    let steps: [(&str, bool, StatusCode, u32); 4] = [
+        ("GET /down", false, StatusCode::SERVICE_UNAVAILABLE, 3),
+        (
+            "GET /down (5th failure trips it)",
+            false,
+            StatusCode::SERVICE_UNAVAILABLE,
+            2,
+        ),
+        (
+            "GET /down (open: not sent)",
+            false,
+            StatusCode::SERVICE_UNAVAILABLE,
+            0,
+        ),
+        ("upstream heals; 0.6 s later GET", true, StatusCode::OK, 1),
+    ];
+    for (step, heal, expect, expect_attempts) in steps {
+        if heal {
+            DOWN_HEALED.store(true, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        ATTEMPTS.store(0, Ordering::Relaxed);
+        let req = Request::get(format!("http://{gateway}/down")).body(Empty::new())?;
+        let res = client.request(req).await?;
+        let header = |name: &str| {
+            res.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned()
+        };
+        let (proxy_status, retry_after) = (header("proxy-status"), header("retry-after"));
+        let state = breaker
+            .snapshot("/down")
+            .map(|s| format!("{:?}", s.state()))
+            .unwrap_or_default();
+        let attempts = ATTEMPTS.load(Ordering::Relaxed);
+        let ok = res.status() == expect && attempts == expect_attempts;
+        wrong += usize::from(!ok);
+        println!(
+            "{:<34} {:<6} {:<8} {:<42} {:<11} {:<8}{}",
+            step,
+            res.status().as_u16(),
+            attempts,
+            proxy_status,
+            retry_after,
+            state,
+            if ok { "" } else { "  <-- unexpected" }
+        );
+    }
+
     println!();
     if wrong > 0 {
         eprintln!("{wrong} answer(s) differ from the status table or the retry policy");

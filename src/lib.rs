@@ -58,7 +58,8 @@
 //! - [`timeout`]: per-attempt timeouts ([`AttemptTimeout`]) and a response-body idle timeout.
 //! - [`retry`]: retries ([`Retry`]) with a safe default policy, a shared lock-free
 //!   [`RetryBudget`], jittered backoff, `Retry-After`, and replay of streaming request bodies.
-//! - [`breaker`]: the circuit breaker's error (the layer lands in a later release).
+//! - [`breaker`]: keyed circuit breaking ([`CircuitBreaker`]) that fails fast with
+//!   `CircuitOpen`, answered 503 with `Retry-After`.
 //! - [`grpc`]: gRPC status codes and detection.
 //!
 //! # Feature flags

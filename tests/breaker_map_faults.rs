@@ -45,7 +45,12 @@ async fn open_circuit_answers_503_with_retry_after_then_recovers() {
         .build()
         .unwrap();
     let layers = ServiceBuilder::new()
-        .layer(MapFaultsLayer::builder().gateway_name("gw").build().unwrap())
+        .layer(
+            MapFaultsLayer::builder()
+                .gateway_name("gw")
+                .build()
+                .unwrap(),
+        )
         .layer(breaker)
         .into_inner();
     let gw = gateway(upstream, layers).await;
@@ -54,7 +59,10 @@ async fn open_circuit_answers_503_with_retry_after_then_recovers() {
     for _ in 0..3 {
         let res = get(format!("http://{gw}/")).await.unwrap();
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert!(res.headers().get("proxy-status").is_none(), "the upstream's own 503");
+        assert!(
+            res.headers().get("proxy-status").is_none(),
+            "the upstream's own 503"
+        );
     }
     assert_eq!(hits.load(SeqCst), 3);
 
@@ -62,7 +70,10 @@ async fn open_circuit_answers_503_with_retry_after_then_recovers() {
     for _ in 0..3 {
         let res = get(format!("http://{gw}/")).await.unwrap();
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(res.headers()["proxy-status"], "gw; error=destination_unavailable");
+        assert_eq!(
+            res.headers()["proxy-status"],
+            "gw; error=destination_unavailable"
+        );
         assert_eq!(res.headers()["retry-after"], "1", "300 ms rounded up");
     }
     assert_eq!(hits.load(SeqCst), 3, "the upstream was not touched");
