@@ -23,10 +23,12 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::Code;
-use tower::{service_fn, BoxError, ServiceBuilder};
+use tower::util::MapRequest;
+use tower::{service_fn, ServiceBuilder};
+use tower_upstream::deadline::RequestDeadline;
 use tower_upstream::map_faults::MapFaultsLayer;
 use tower_upstream::retry::{Idempotent, ReplayBody};
-use tower_upstream::{AttemptTimeoutLayer, DeadlineLayer, RetryLayer};
+use tower_upstream::{AttemptTimeout, AttemptTimeoutLayer, DeadlineLayer, Retry, RetryLayer};
 
 use grpc::{hello_request, say_hello, Greeter, HelloReply};
 
@@ -216,6 +218,59 @@ async fn upstream_status_passes_through_unchanged() {
     );
 }
 
+/// The layers on tonic's own server (`Server::builder().layer(…)`): the handler reads the
+/// request's deadline, and a handler that outlives it is answered `DEADLINE_EXCEEDED`.
+#[tokio::test]
+async fn layers_on_a_tonic_server() {
+    let seen = Arc::new(Mutex::new(None));
+    let record = seen.clone();
+    let greeter = Greeter::new(move |req: tonic::Request<grpc::HelloRequest>| {
+        *record.lock().unwrap() = req
+            .extensions()
+            .get::<RequestDeadline>()
+            .map(RequestDeadline::remaining);
+        async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(tonic::Response::new(HelloReply::default()))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let layers = ServiceBuilder::new()
+        .layer(
+            MapFaultsLayer::builder()
+                .gateway_name("svc")
+                .build()
+                .unwrap(),
+        )
+        .layer(DeadlineLayer::new(Duration::from_millis(300)));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(layers)
+            .add_service(greeter)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+
+    let status = within(say_hello(
+        grpc::channel(addr),
+        grpc::origin(addr),
+        hello_request("slow"),
+    ))
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(status.message(), "upstream did not answer in time");
+    let left = seen
+        .lock()
+        .unwrap()
+        .expect("the handler saw a RequestDeadline");
+    assert!(
+        left <= Duration::from_millis(300) && left > Duration::ZERO,
+        "{left:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // An outbound tonic Channel wrapped in the layers
 // ---------------------------------------------------------------------------------------
@@ -255,21 +310,22 @@ async fn recovering_upstream(failures: u32) -> (SocketAddr, Arc<Mutex<Vec<Option
 /// `Retry` hands its inner service `http::Request<ReplayBody<B>>`; a `Channel` takes
 /// `http::Request<tonic::body::Body>`, so one `map_request` wraps the replayable body back
 /// into a tonic body.
-fn retrying_channel(
-    addr: SocketAddr,
-    retry: RetryLayer,
-) -> impl tonic::client::GrpcService<
-    tonic::body::Body,
-    ResponseBody = tonic::body::Body,
-    Error = BoxError,
-> + Clone {
+fn retrying_channel(addr: SocketAddr, retry: RetryLayer) -> RetryingChannel {
     ServiceBuilder::new()
         .layer(retry)
         .layer(AttemptTimeoutLayer::new(Duration::from_secs(2)))
-        .map_request(|req: http::Request<ReplayBody<tonic::body::Body>>| {
-            req.map(tonic::body::Body::new)
-        })
+        .map_request(tonic_body as fn(_) -> _)
         .service(grpc::channel(addr))
+}
+
+/// What `retrying_channel` makes, named (so the futures it makes are known to be `Send`).
+type RetryingChannel =
+    Retry<AttemptTimeout<MapRequest<tonic::transport::Channel, fn(ReplayRequest) -> TonicRequest>>>;
+type ReplayRequest = http::Request<ReplayBody<tonic::body::Body>>;
+type TonicRequest = http::Request<tonic::body::Body>;
+
+fn tonic_body(req: ReplayRequest) -> TonicRequest {
+    req.map(tonic::body::Body::new)
 }
 
 #[tokio::test]
@@ -280,10 +336,10 @@ async fn channel_retries_an_idempotent_call_until_it_succeeds() {
 
     let mut req = hello_request("again");
     req.extensions_mut().insert(Idempotent);
-    let rsp = within(say_hello(svc, grpc::origin(upstream), req))
-        .await
-        .unwrap()
-        .unwrap();
+    // Spawned: the call's future through the layers is `Send + 'static`, as a generated
+    // client used from a task needs.
+    let call = tokio::spawn(say_hello(svc, grpc::origin(upstream), req));
+    let rsp = within(call).await.unwrap().unwrap().unwrap();
     assert_eq!(rsp.get_ref().message, "hello, again");
     assert_eq!(
         *seen.lock().unwrap(),
@@ -337,17 +393,26 @@ async fn channel_with_retry_all_grpc_calls_retries_unmarked_calls() {
     assert_eq!(seen.lock().unwrap().len(), 2);
 }
 
-/// A refused connection was never sent: retried for any call, and when every attempt is
-/// refused the caller gets tonic's own `UNAVAILABLE` for the last one.
+/// A refused connection was never sent: retried for any call, marked or not; when every
+/// attempt is refused the caller gets tonic's own `UNAVAILABLE` for the last one.
 #[tokio::test]
 async fn channel_to_a_dead_upstream_retries_then_reports_unavailable() {
     let dead = support::closed_port().await;
-    let svc = retrying_channel(dead, RetryLayer::builder().max_attempts(3).build().unwrap());
+    let attempts = Arc::new(AtomicU32::new(0));
+    let count = attempts.clone();
+    let svc = ServiceBuilder::new()
+        .layer(RetryLayer::builder().max_attempts(3).build().unwrap())
+        .map_request(move |req| {
+            count.fetch_add(1, Ordering::Relaxed);
+            tonic_body(req)
+        })
+        .service(grpc::channel(dead));
     let status = within(say_hello(svc, grpc::origin(dead), hello_request("anyone")))
         .await
         .unwrap()
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(attempts.load(Ordering::Relaxed), 3);
 }
 
 // ---------------------------------------------------------------------------------------
