@@ -61,6 +61,8 @@
 //! - [`breaker`]: keyed circuit breaking ([`CircuitBreaker`]) that fails fast with
 //!   `CircuitOpen`, answered 503 with `Retry-After`.
 //! - [`grpc`]: gRPC status codes and detection.
+//! - [`guide`]: wiring guides (tonic: a gateway in front of gRPC upstreams, an outbound
+//!   `Channel` with retries).
 //!
 //! # Feature flags
 //!
@@ -80,6 +82,12 @@ mod error;
 pub mod fault;
 pub mod grpc;
 pub mod map_faults;
+
+/// Guides: how to wire the layers into real services. Their examples are doc-tested.
+pub mod guide {
+    #[doc = include_str!("docs/tonic.md")]
+    pub mod tonic {}
+}
 pub mod retry;
 pub mod timeout;
 

@@ -50,6 +50,15 @@ pub fn client() -> TestClient {
     client_with(|_| {})
 }
 
+/// Like [`client`], but speaking HTTP/2 only (h2c, prior knowledge): what a gateway in
+/// front of a gRPC upstream needs.
+pub fn h2_client() -> TestClient {
+    let connector = HttpConnector::new_with_resolver(local_resolver());
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(connector)
+}
+
 pub fn client_with(configure: impl FnOnce(&mut HttpConnector<LocalResolver>)) -> TestClient {
     let mut connector = HttpConnector::new_with_resolver(local_resolver());
     configure(&mut connector);
@@ -183,7 +192,24 @@ where
     <L::Service as Service<Request<Incoming>>>::Response: IntoBodyResponse,
     <L::Service as Service<Request<Incoming>>>::Future: Send + 'static,
 {
-    let inner = tower::util::BoxCloneSyncService::new(forward(client(), upstream));
+    gateway_with(client(), upstream, layer).await
+}
+
+/// Like [`gateway`], forwarding through `client` (e.g. [`h2_client`]).
+pub async fn gateway_with<L>(client: TestClient, upstream: SocketAddr, layer: L) -> SocketAddr
+where
+    L: Layer<
+        tower::util::BoxCloneSyncService<
+            Request<Incoming>,
+            Response<Incoming>,
+            hyper_util::client::legacy::Error,
+        >,
+    >,
+    L::Service: Service<Request<Incoming>, Error = Infallible> + Clone + Send + Sync + 'static,
+    <L::Service as Service<Request<Incoming>>>::Response: IntoBodyResponse,
+    <L::Service as Service<Request<Incoming>>>::Future: Send + 'static,
+{
+    let inner = tower::util::BoxCloneSyncService::new(forward(client, upstream));
     let svc = tower::ServiceBuilder::new()
         .map_response(IntoBodyResponse::into_body_response)
         .service(layer.layer(inner));
