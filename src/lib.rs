@@ -61,6 +61,7 @@
 //! - [`breaker`]: keyed circuit breaking ([`CircuitBreaker`]) that fails fast with
 //!   `CircuitOpen`, answered 503 with `Retry-After`.
 //! - [`grpc`]: gRPC status codes and detection.
+//! - [`upstream`]: the whole stack in one layer, [`Upstream::builder()`].
 //!
 //! # Feature flags
 //!
@@ -82,6 +83,7 @@ pub mod grpc;
 pub mod map_faults;
 pub mod retry;
 pub mod timeout;
+pub mod upstream;
 
 pub use breaker::{CircuitBreaker, CircuitBreakerLayer};
 pub use deadline::{Deadline, DeadlineLayer, RequestDeadline};
@@ -90,6 +92,7 @@ pub use fault::{Classification, Classifier, Fault, Sent};
 pub use map_faults::{MapFaults, MapFaultsLayer};
 pub use retry::{Retry, RetryBudget, RetryLayer};
 pub use timeout::{AttemptTimeout, AttemptTimeoutLayer};
+pub use upstream::{Upstream, UpstreamLayer};
 
 /// The error type that travels between layers: any `std::error::Error`, boxed.
 pub use tower::BoxError;
