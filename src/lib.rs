@@ -49,6 +49,13 @@
 //! # }
 //! ```
 //!
+//! # The whole stack
+//!
+//! [`Upstream::builder()`] composes every layer below in the right order (see
+//! [`upstream`'s ordering notes](upstream#ordering)) with defaults a gateway can start from:
+//! `Upstream::builder().build()?.layer(proxy)` in place of `MapFaultsLayer` above, with the
+//! proxy taking `Request<ReplayBody<Body>>`.
+//!
 //! # Modules
 //!
 //! - [`fault`]: the taxonomy and the one classifier every layer uses.

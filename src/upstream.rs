@@ -69,6 +69,12 @@
 //! [`UpstreamLayer::breaker_handle`] and [`UpstreamLayer::retry_budget`] reach that state
 //! for a health endpoint.
 //!
+//! The default breaker is keyed by the request URI's authority. Around an outbound client
+//! (absolute URIs) that is one breaker per upstream. Behind an axum route, the incoming
+//! requests carry no authority (HTTP/1.1 origin form), so the whole layer has one breaker:
+//! give each upstream its own `UpstreamLayer`, or pass a breaker with a
+//! [`key_fn`](crate::breaker::Builder::key_fn).
+//!
 //! # Ordering
 //!
 //! Outermost first, as in the crate's design notes:
@@ -104,8 +110,8 @@
 //! # Observability
 //!
 //! Each request runs in a `DEBUG` span `upstream.request` with `method`, `authority`,
-//! `path`, and, once answered, `status`, `attempts` and, when the stack answered for a
-//! fault, `fault` (its RFC 9209 name). The layers' own events (retries, breaker
+//! `path`, and, once answered, `status` and either `attempts` (when the upstream answered)
+//! or `fault` (its RFC 9209 name, when the stack answered for a fault). The layers' own events (retries, breaker
 //! transitions, faults) happen inside it. Nothing is logged above `DEBUG` per request on
 //! the happy path.
 //!
@@ -277,17 +283,23 @@ where
     }
 }
 
-/// Records the answer on the request's span.
+/// Records the answer on the request's span: the status, and the fault the stack answered
+/// for or, when the upstream answered, the attempts it took (a fault answer does not carry
+/// the count).
 fn record<B>(span: &tracing::Span, res: &Response<B>) {
     span.record("status", res.status().as_u16());
-    span.record("attempts", Attempts::of(res));
     let fault = res
         .headers()
         .get("proxy-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').find_map(|p| p.trim().strip_prefix("error=")));
-    if let Some(fault) = fault {
-        span.record("fault", fault.split(',').next().unwrap_or(fault));
+    match fault {
+        Some(fault) => {
+            span.record("fault", fault.split(',').next().unwrap_or(fault));
+        }
+        None => {
+            span.record("attempts", Attempts::of(res));
+        }
     }
 }
 

@@ -432,3 +432,100 @@ fn config_errors_name_the_field_and_the_value() {
         "invalid concurrency_limit: must be at least 1 (got 0)"
     );
 }
+
+/// A `MakeWriter` into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn take(&self) -> String {
+        String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_span_per_request_and_nothing_above_debug_when_healthy() {
+    use tracing_subscriber::fmt::format::FmtSpan;
+
+    let layer = Upstream::builder().build().unwrap();
+    let svc = layer.layer(service_fn(
+        |req: Request<ReplayBody<Full<Bytes>>>| async move {
+            if req.uri().path() == "/down" {
+                Err(BoxError::from(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionRefused,
+                )))
+            } else {
+                Ok(Response::new(Full::new(Bytes::new())))
+            }
+        },
+    ));
+    let request = |path: &str| {
+        Request::get(format!("http://upstream.test{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+
+    // At INFO, a healthy request logs nothing.
+    let info = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(info.clone())
+        .finish();
+    {
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let res = svc.clone().oneshot(request("/ok")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    assert_eq!(info.take(), "");
+
+    // At DEBUG, the request's span closes with its status, attempts and fault.
+    let debug = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_span_events(FmtSpan::CLOSE)
+        .with_ansi(false)
+        .with_writer(debug.clone())
+        .finish();
+    {
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let res = svc.clone().oneshot(request("/ok")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let res = svc.clone().oneshot(request("/down")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    }
+    let out = debug.take();
+    let closes: Vec<&str> = out.lines().filter(|l| l.contains("close")).collect();
+    assert_eq!(closes.len(), 2, "{out}");
+    for (line, want) in closes.iter().zip([
+        ["path=\"/ok\"", "status=200", "attempts=1"],
+        [
+            "path=\"/down\"",
+            "status=502",
+            "fault=\"connection_refused\"",
+        ],
+    ]) {
+        assert!(line.contains("upstream.request"), "{line}");
+        assert!(line.contains("method=GET"), "{line}");
+        assert!(line.contains("authority=\"upstream.test\""), "{line}");
+        for w in want {
+            assert!(line.contains(w), "{w} in {line}");
+        }
+    }
+}
