@@ -316,6 +316,29 @@ pub struct UpstreamLayer<P = DefaultPolicy> {
     attempt_timeout: Option<AttemptTimeoutLayer>,
 }
 
+impl UpstreamLayer {
+    /// The stack with every default (see the [module docs](self)); the same as
+    /// `Upstream::builder().build()`, which cannot fail with the defaults.
+    pub fn new() -> Self {
+        match UpstreamBuilder::new().build() {
+            Ok(layer) => layer,
+            // The defaults are valid; pinned by a test.
+            Err(e) => unreachable!("default stack configuration: {e}"),
+        }
+    }
+
+    /// Starts configuring a stack from the defaults; the same as [`Upstream::builder()`].
+    pub fn builder() -> UpstreamBuilder {
+        UpstreamBuilder::new()
+    }
+}
+
+impl Default for UpstreamLayer {
+    fn default() -> Self {
+        UpstreamLayer::new()
+    }
+}
+
 impl<P> UpstreamLayer<P> {
     /// A handle on the breakers (snapshots, operator modes), or `None` without a breaker.
     pub fn breaker_handle(&self) -> Option<BreakerHandle> {
@@ -713,6 +736,7 @@ mod tests {
     #[test]
     fn defaults_build() {
         let layer = Upstream::builder().build().unwrap();
+        let _ = UpstreamLayer::new();
         assert!(layer.breaker_handle().is_some());
         assert!(layer.retry_budget().is_some());
         let bare = Upstream::builder()
