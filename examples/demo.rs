@@ -6,8 +6,9 @@
 //! ```
 //!
 //! The upstream misbehaves per path (refuses, resets, sends garbage, hangs, truncates…); the
-//! gateway is an axum app whose proxy route wraps a hyper-util client in `MapFaults`, a
-//! 1 s request deadline and a 250 ms attempt timeout. The
+//! gateway is an axum app whose proxy route wraps a hyper-util client in the stack from
+//! `Upstream::builder()`: `MapFaults`, a 1 s request deadline, retries, a circuit breaker
+//! and a 250 ms attempt timeout. The
 //! demo prints, for every case, what the gateway's client saw, and exits non-zero if any
 //! answer differs from the status table.
 
@@ -28,11 +29,11 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tower::{service_fn, BoxError, ServiceBuilder};
+use tower::{service_fn, BoxError, Layer};
 use tower_upstream::breaker::BreakerHandle;
 use tower_upstream::map_faults::MapFaultsLayer;
 use tower_upstream::retry::ReplayBody;
-use tower_upstream::{AttemptTimeoutLayer, CircuitBreakerLayer, DeadlineLayer, RetryLayer};
+use tower_upstream::{CircuitBreakerLayer, RetryLayer, Upstream};
 
 type Body = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -147,7 +148,7 @@ fn local_resolver() -> impl tower::Service<
 }
 
 /// The gateway: an axum app whose proxy route is a hyper-util client wrapped in the crate's
-/// layers. `/refused/*` goes to a port nobody listens on, `/dns/*` to a name that does not
+/// stack. `/refused/*` goes to a port nobody listens on, `/dns/*` to a name that does not
 /// resolve, everything else to the flaky upstream.
 async fn start_gateway(
     upstream: SocketAddr,
@@ -184,18 +185,18 @@ async fn start_gateway(
         .open_duration(Duration::from_millis(500))
         .jitter(0.0)
         .build()?;
-    let handle = breaker.handle();
 
-    // Outermost first: answer faults; give each request 1 s in all; retry safely (at most 3
-    // attempts, within a budget); break the circuit; give each attempt 250 ms.
-    let stack = ServiceBuilder::new()
-        .layer(MapFaultsLayer::builder().gateway_name("demo-gw").build()?)
-        .layer(DeadlineLayer::new(Duration::from_secs(1)))
-        .layer(RetryLayer::builder().max_attempts(3).build()?)
-        .layer(breaker)
-        .layer(AttemptTimeoutLayer::new(Duration::from_millis(250)))
-        .service(proxy);
-    let app = Router::new().fallback_service(stack);
+    // The stack, outermost first: answer faults; give each request 1 s in all; retry safely
+    // (at most 3 attempts, within a budget); break the circuit; give each attempt 250 ms.
+    let layer = Upstream::builder()
+        .map_faults(MapFaultsLayer::builder().gateway_name("demo-gw").build()?)
+        .deadline(Duration::from_secs(1))
+        .retry(RetryLayer::builder().max_attempts(3).build()?)
+        .breaker(breaker)
+        .attempt_timeout(Duration::from_millis(250))
+        .build()?;
+    let handle = layer.breaker_handle().ok_or("the stack has a breaker")?;
+    let app = Router::new().fallback_service(layer.layer(proxy));
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

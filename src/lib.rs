@@ -49,6 +49,13 @@
 //! # }
 //! ```
 //!
+//! # The whole stack
+//!
+//! [`Upstream::builder()`] composes every layer below in the right order (see
+//! [`upstream`'s ordering notes](upstream#ordering)) with defaults a gateway can start from:
+//! `Upstream::builder().build()?.layer(proxy)` in place of `MapFaultsLayer` above, with the
+//! proxy taking `Request<ReplayBody<Body>>`.
+//!
 //! # Modules
 //!
 //! - [`fault`]: the taxonomy and the one classifier every layer uses.
@@ -61,6 +68,7 @@
 //! - [`breaker`]: keyed circuit breaking ([`CircuitBreaker`]) that fails fast with
 //!   `CircuitOpen`, answered 503 with `Retry-After`.
 //! - [`grpc`]: gRPC status codes and detection.
+//! - [`upstream`]: the whole stack in one layer, [`Upstream::builder()`].
 //! - [`guide`]: wiring guides (tonic: a gateway in front of gRPC upstreams, an outbound
 //!   `Channel` with retries).
 //!
@@ -90,6 +98,7 @@ pub mod guide {
 }
 pub mod retry;
 pub mod timeout;
+pub mod upstream;
 
 pub use breaker::{CircuitBreaker, CircuitBreakerLayer};
 pub use deadline::{Deadline, DeadlineLayer, RequestDeadline};
@@ -98,6 +107,7 @@ pub use fault::{Classification, Classifier, Fault, Sent};
 pub use map_faults::{MapFaults, MapFaultsLayer};
 pub use retry::{Retry, RetryBudget, RetryLayer};
 pub use timeout::{AttemptTimeout, AttemptTimeoutLayer};
+pub use upstream::{Upstream, UpstreamLayer};
 
 /// The error type that travels between layers: any `std::error::Error`, boxed.
 pub use tower::BoxError;

@@ -1,0 +1,150 @@
+//! The full default stack from `Upstream::builder()` on the happy path, next to the bare
+//! service and tower's `Timeout` + `Retry` + `TpsBudget`, in one group.
+//!
+//! Inner service: `service_fn` returning a ready `Response<()>`; loop `ready().await` +
+//! `call(req).await` on a current-thread runtime, as in `benches/map_faults.rs`. Read the
+//! ratios to `bare`, not the absolute times. Run briefly with
+//! `cargo bench --bench stack -- --warm-up-time 1 --measurement-time 3`.
+
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{Request, Response};
+use http_body_util::Empty;
+use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_upstream::retry::ReplayBody;
+use tower_upstream::Upstream;
+
+/// tower's `Retry` policy as its docs show it: deposit on success, withdraw on failure;
+/// never retries here (the inner service always succeeds) but clones the request.
+#[derive(Clone)]
+struct TowerPolicy {
+    budget: Arc<TpsBudget>,
+}
+
+impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for TowerPolicy {
+    type Future = Ready<()>;
+
+    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        match result {
+            Ok(_) => {
+                self.budget.deposit();
+                None
+            }
+            Err(_) => self.budget.withdraw().then(|| ready(())),
+        }
+    }
+
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        Some(req.clone())
+    }
+}
+
+fn inner<B>(
+) -> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone + Send
+{
+    tower::service_fn(|_req: Request<B>| ready(Ok::<_, Infallible>(Response::new(()))))
+}
+
+/// Times `iters` sequential `ready().await` + `call(req).await` on one service.
+async fn drive<S, B>(mut svc: S, iters: u64, make: impl Fn() -> Request<B>) -> Duration
+where
+    S: Service<Request<B>>,
+    S::Error: std::fmt::Debug,
+{
+    let start = Instant::now();
+    for _ in 0..iters {
+        let rsp = svc.ready().await.unwrap().call(make()).await.unwrap();
+        black_box(rsp);
+    }
+    start.elapsed()
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // GET /, no URI parsing in the loop.
+    let unit = || Request::new(());
+    let empty = || Request::new(Empty::<Bytes>::new());
+
+    let mut g = c.benchmark_group("stack");
+    g.bench_function("bare", |b| {
+        b.iter_custom(|n| rt.block_on(drive(inner::<()>(), n, unit)))
+    });
+    g.bench_function("tower_timeout_retry_tps", |b| {
+        b.iter_custom(|n| {
+            let policy = TowerPolicy {
+                budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
+            };
+            let svc = ServiceBuilder::new()
+                .retry(policy)
+                .timeout(Duration::from_secs(10))
+                .service(inner::<()>());
+            rt.block_on(drive(svc, n, unit))
+        })
+    });
+    let layer = Upstream::builder().build().unwrap();
+    g.bench_function("upstream_default", |b| {
+        b.iter_custom(|n| {
+            let svc = layer.layer(inner::<ReplayBody<Empty<Bytes>>>());
+            rt.block_on(drive(svc, n, empty))
+        })
+    });
+    let limited = Upstream::builder().concurrency_limit(1024).build().unwrap();
+    g.bench_function("upstream_default_with_limit", |b| {
+        b.iter_custom(|n| {
+            let svc = limited.layer(inner::<ReplayBody<Empty<Bytes>>>());
+            rt.block_on(drive(svc, n, empty))
+        })
+    });
+    g.finish();
+
+    // Where the time goes: the default stack with one part off.
+    let mut g = c.benchmark_group("stack_parts");
+    let variants: [(&str, tower_upstream::UpstreamLayer); 5] = [
+        (
+            "no_deadline",
+            Upstream::builder().no_deadline().build().unwrap(),
+        ),
+        ("no_retry", Upstream::builder().no_retry().build().unwrap()),
+        (
+            "no_breaker",
+            Upstream::builder().no_breaker().build().unwrap(),
+        ),
+        (
+            "no_attempt_timeout",
+            Upstream::builder().no_attempt_timeout().build().unwrap(),
+        ),
+        (
+            "map_faults_only",
+            Upstream::builder()
+                .no_deadline()
+                .no_retry()
+                .no_breaker()
+                .no_attempt_timeout()
+                .build()
+                .unwrap(),
+        ),
+    ];
+    for (name, layer) in variants {
+        g.bench_function(name, |b| {
+            b.iter_custom(|n| {
+                let svc = layer.layer(inner::<ReplayBody<Empty<Bytes>>>());
+                rt.block_on(drive(svc, n, empty))
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

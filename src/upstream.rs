@@ -1,0 +1,752 @@
+//! The whole stack in one layer: [`Upstream::builder()`] composes [`MapFaults`],
+//! [`Deadline`], an optional concurrency limit with load shedding, [`Retry`] (with its
+//! budget), [`CircuitBreaker`] and [`AttemptTimeout`], in that order, with defaults a
+//! production gateway can start from.
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{body::Body, Router};
+//! use http::{Request, StatusCode};
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
+//! use tower::{service_fn, BoxError, Layer, ServiceExt};
+//! use tower_upstream::retry::ReplayBody;
+//! use tower_upstream::Upstream;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! # let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! # let upstream = dead.local_addr()?;
+//! # drop(dead); // nothing listens there: the upstream refuses connections
+//! let client = Client::builder(TokioExecutor::new()).build_http();
+//!
+//! // Forward every request to the upstream, path and query kept. The retry layer hands
+//! // the request body over as a `ReplayBody`, so that it can be sent again.
+//! let proxy = service_fn(move |mut req: Request<ReplayBody<Body>>| {
+//!     let client = client.clone();
+//!     async move {
+//!         let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+//!         *req.uri_mut() = format!("http://{upstream}{pq}").parse()?;
+//!         Ok::<_, BoxError>(client.request(req).await?)
+//!     }
+//! });
+//!
+//! let layer = Upstream::builder()
+//!     .deadline(Duration::from_secs(5))
+//!     .attempt_timeout(Duration::from_secs(2))
+//!     .concurrency_limit(256)
+//!     .build()?;
+//! let app = Router::new().fallback_service(layer.layer(proxy));
+//!
+//! let res = app.oneshot(Request::get("/orders/7").body(Body::empty())?).await?;
+//! assert_eq!(res.status(), StatusCode::BAD_GATEWAY); // refused, three times
+//! assert_eq!(res.headers()["proxy-status"], "tower-upstream; error=connection_refused");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Defaults, and why
+//!
+//! | part | default | why |
+//! |---|---|---|
+//! | [`MapFaults`] | [`MapFaultsLayer::new()`] | always on: it is what makes `Error = Infallible` |
+//! | [`Deadline`] | 30 s, capped by `grpc-timeout` | a client rarely waits longer; nothing should hang forever |
+//! | concurrency limit | off | a good limit depends on the upstream; set one with [`concurrency_limit`](UpstreamBuilder::concurrency_limit) |
+//! | [`Retry`] | [`RetryLayer::new()`]: 3 attempts, safe policy, budget 20 % + 10/s | recovers blips; the budget stops retry storms |
+//! | [`CircuitBreaker`] | [`CircuitBreakerLayer::new()`]: per authority, 50 % of ≥ 20 calls or 5 in a row, 5 s open | fails fast when an upstream is down |
+//! | [`AttemptTimeout`] | 10 s | a third of the deadline, so that a hung attempt leaves time for another |
+//!
+//! Every part but `MapFaults` can be turned off (`no_deadline`, `no_retry`, …) or replaced
+//! by a layer of your own making (`deadline_layer`, `retry`, `breaker`, …).
+//!
+//! # Shared state
+//!
+//! The breakers, the retry budget and the concurrency limit's permits are made once, by
+//! [`build`](UpstreamBuilder::build). Every clone of the [`UpstreamLayer`] and every
+//! service it makes (every `layer()` call: axum calls it once per route) share them, so
+//! one upstream has one breaker and one budget however many routes reach it. Build two
+//! layers for two independent upstreams.
+//! [`UpstreamLayer::breaker_handle`] and [`UpstreamLayer::retry_budget`] reach that state
+//! for a health endpoint.
+//!
+//! The default breaker is keyed by the request URI's authority. Around an outbound client
+//! (absolute URIs) that is one breaker per upstream. Behind an axum route, the incoming
+//! requests carry no authority (HTTP/1.1 origin form), so the whole layer has one breaker:
+//! give each upstream its own `UpstreamLayer`, or pass a breaker with a
+//! [`key_fn`](crate::breaker::Builder::key_fn).
+//!
+//! # Ordering
+//!
+//! Outermost first, as in the crate's design notes:
+//!
+//! ```text
+//! MapFaults ─► Deadline ─► [LoadShed ─► ConcurrencyLimit] ─► Retry ─► CircuitBreaker ─► AttemptTimeout ─► service
+//! ```
+//!
+//! - **MapFaults** is outermost: it is the only layer that turns errors into answers
+//!   (502/503/504 or a `grpc-status`), and its `Error = Infallible` is what axum requires.
+//!   Everything below may fail; nothing above it sees an error.
+//! - **Deadline** is outside the retry, so that backoff sleeps and later attempts never
+//!   outlive the request's overall deadline.
+//! - **The limit** bounds *logical* requests in flight (retries of one request hold one
+//!   permit). It sheds instead of queueing: a request over the limit is answered 503
+//!   `connection_limit_reached` at once. It is below the deadline only so that a shed
+//!   request costs nothing more than a refused permit.
+//! - **Retry** is outside the breaker, so that each attempt is one breaker sample and an
+//!   open circuit (`CircuitOpen`, never retried) fails the request fast.
+//! - **AttemptTimeout** is innermost: each attempt gets its own timeout (the smaller of
+//!   its own and the time the deadline leaves), and a timed-out attempt counts as one
+//!   failure for the breaker.
+//!
+//! Another order is possible by composing the layers by hand with `ServiceBuilder`.
+//!
+//! # Body types
+//!
+//! The service you wrap receives `Request<ReplayBody<B>>` (the retry records the body to
+//! send it again), and the stack answers `Response<FaultBody<R>>` for an inner response
+//! body `R`. With retries off the body is still wrapped (in a pass-through `ReplayBody`),
+//! so that the inner service's type does not depend on the configuration.
+//!
+//! # Observability
+//!
+//! Each request runs in a `DEBUG` span `upstream.request` with `method`, `authority`,
+//! `path`, and, once answered, `status` and either `attempts` (when the upstream answered)
+//! or `fault` (its RFC 9209 name, when the stack answered for a fault). The layers' own events (retries, breaker
+//! transitions, faults) happen inside it. Nothing is logged above `DEBUG` per request on
+//! the happy path.
+//!
+//! [`MapFaults`]: crate::MapFaults
+//! [`Deadline`]: crate::Deadline
+//! [`Retry`]: crate::Retry
+//! [`CircuitBreaker`]: crate::CircuitBreaker
+//! [`AttemptTimeout`]: crate::AttemptTimeout
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower::limit::{ConcurrencyLimit, GlobalConcurrencyLimitLayer};
+use tower::load_shed::LoadShed;
+use tower::BoxError;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::breaker::{BreakerHandle, CircuitBreaker, CircuitBreakerLayer};
+use crate::deadline::{Deadline, DeadlineLayer};
+use crate::error::ConfigError;
+use crate::fault::Classifier;
+use crate::map_faults::{FaultBody, MapFaults, MapFaultsLayer};
+use crate::retry::{Attempts, DefaultPolicy, Policy, ReplayBody, Retry, RetryBudget, RetryLayer};
+use crate::timeout::{AttemptTimeout, AttemptTimeoutLayer};
+
+/// The default overall deadline of a request.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The default timeout of one attempt.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+// The composed stack, innermost first. Private: `Upstream<S>` is what users name.
+type Timed<S> = Opt<AttemptTimeout<S>, S>;
+type Broken<S> = Opt<CircuitBreaker<Timed<S>>, Timed<S>>;
+type Retried<S, P> = Retry<Broken<S>, P>;
+type Limited<S, P> = Opt<LoadShed<ConcurrencyLimit<Retried<S, P>>>, Retried<S, P>>;
+type Timely<S, P> = Opt<Deadline<Limited<S, P>>, Limited<S, P>>;
+type Stack<S, P> = MapFaults<Timely<S, P>>;
+
+/// The whole stack around a service `S`, made by an [`UpstreamLayer`]. See the
+/// [module docs](self).
+///
+/// It implements `Service<http::Request<B>>` with `Error = Infallible` and
+/// `Response = http::Response<FaultBody<R>>` when `S` implements
+/// `Service<http::Request<ReplayBody<B>>, Response = http::Response<R>>`.
+pub struct Upstream<S, P = DefaultPolicy> {
+    inner: Stack<S, P>,
+}
+
+impl Upstream<(), DefaultPolicy> {
+    /// Starts configuring a stack from the defaults (see the [module docs](self)).
+    pub fn builder() -> UpstreamBuilder {
+        UpstreamBuilder::new()
+    }
+}
+
+impl<S: Clone, P> Clone for Upstream<S, P> {
+    fn clone(&self) -> Self {
+        Upstream {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S, P> fmt::Debug for Upstream<S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream").finish_non_exhaustive()
+    }
+}
+
+impl<S, P, B, ResB> Service<Request<B>> for Upstream<S, P>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    P: Policy,
+    B: Body,
+{
+    type Response = Response<FaultBody<ResB>>;
+    type Error = Infallible;
+    type Future = ResponseFuture<S, P, B, ResB>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let span = tracing::debug_span!(
+            "upstream.request",
+            method = %req.method(),
+            authority = req.uri().authority().map(|a| a.as_str()),
+            path = req.uri().path(),
+            status = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            fault = tracing::field::Empty,
+        );
+        let inner = if span.is_disabled() {
+            self.inner.call(req)
+        } else {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
+        ResponseFuture {
+            inner,
+            span,
+            _body: PhantomData,
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`Upstream`]: never fails.
+    pub struct ResponseFuture<S, P, B, ResB>
+    where
+        S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
+        S: Clone,
+        S::Error: Into<BoxError>,
+        P: Policy,
+        B: Body,
+    {
+        #[pin]
+        inner: <Stack<S, P> as Service<Request<B>>>::Future,
+        span: tracing::Span,
+        _body: PhantomData<fn() -> ResB>,
+    }
+}
+
+impl<S, P, B, ResB> fmt::Debug for ResponseFuture<S, P, B, ResB>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    P: Policy,
+    B: Body,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, P, B, ResB> Future for ResponseFuture<S, P, B, ResB>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    P: Policy,
+    B: Body,
+{
+    type Output = Result<Response<FaultBody<ResB>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if this.span.is_disabled() {
+            return this.inner.poll(cx);
+        }
+        let _entered = this.span.enter();
+        let out = std::task::ready!(this.inner.poll(cx));
+        if let Ok(res) = &out {
+            record(this.span, res);
+        }
+        Poll::Ready(out)
+    }
+}
+
+/// Records the answer on the request's span: the status, and the fault the stack answered
+/// for or, when the upstream answered, the attempts it took (a fault answer does not carry
+/// the count).
+fn record<B>(span: &tracing::Span, res: &Response<B>) {
+    span.record("status", res.status().as_u16());
+    let fault = res
+        .headers()
+        .get("proxy-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').find_map(|p| p.trim().strip_prefix("error=")));
+    match fault {
+        Some(fault) => {
+            span.record("fault", fault.split(',').next().unwrap_or(fault));
+        }
+        None => {
+            span.record("attempts", Attempts::of(res));
+        }
+    }
+}
+
+/// Applies the whole stack, [`Upstream`], to a service. Made by [`Upstream::builder()`];
+/// cheap to clone, and every clone and every service it makes share one set of breakers,
+/// one retry budget and one concurrency limit.
+pub struct UpstreamLayer<P = DefaultPolicy> {
+    map_faults: MapFaultsLayer,
+    deadline: Option<DeadlineLayer>,
+    limit: Option<GlobalConcurrencyLimitLayer>,
+    retry: RetryLayer<P>,
+    retrying: bool,
+    breaker: Option<CircuitBreakerLayer>,
+    attempt_timeout: Option<AttemptTimeoutLayer>,
+}
+
+impl UpstreamLayer {
+    /// The stack with every default (see the [module docs](self)); the same as
+    /// `Upstream::builder().build()`, which cannot fail with the defaults.
+    pub fn new() -> Self {
+        match UpstreamBuilder::new().build() {
+            Ok(layer) => layer,
+            // The defaults are valid; pinned by a test.
+            Err(e) => unreachable!("default stack configuration: {e}"),
+        }
+    }
+
+    /// Starts configuring a stack from the defaults; the same as [`Upstream::builder()`].
+    pub fn builder() -> UpstreamBuilder {
+        UpstreamBuilder::new()
+    }
+}
+
+impl Default for UpstreamLayer {
+    fn default() -> Self {
+        UpstreamLayer::new()
+    }
+}
+
+impl<P> UpstreamLayer<P> {
+    /// A handle on the breakers (snapshots, operator modes), or `None` without a breaker.
+    pub fn breaker_handle(&self) -> Option<BreakerHandle> {
+        self.breaker.as_ref().map(CircuitBreakerLayer::handle)
+    }
+
+    /// The retry budget every service of this layer draws on, or `None` without retries.
+    pub fn retry_budget(&self) -> Option<RetryBudget> {
+        self.retrying.then(|| self.retry.budget().clone())
+    }
+}
+
+impl<P> Clone for UpstreamLayer<P> {
+    fn clone(&self) -> Self {
+        UpstreamLayer {
+            map_faults: self.map_faults.clone(),
+            deadline: self.deadline.clone(),
+            limit: self.limit.clone(),
+            retry: self.retry.clone(),
+            retrying: self.retrying,
+            breaker: self.breaker.clone(),
+            attempt_timeout: self.attempt_timeout.clone(),
+        }
+    }
+}
+
+impl<P: fmt::Debug> fmt::Debug for UpstreamLayer<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamLayer")
+            .field("map_faults", &self.map_faults)
+            .field("deadline", &self.deadline)
+            .field("limit", &self.limit.is_some())
+            .field("retry", &self.retrying.then_some(&self.retry))
+            .field("breaker", &self.breaker)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .finish()
+    }
+}
+
+impl<S, P> Layer<S> for UpstreamLayer<P> {
+    type Service = Upstream<S, P>;
+
+    fn layer(&self, inner: S) -> Upstream<S, P> {
+        let timed = Opt::new(self.attempt_timeout.as_ref(), inner);
+        let broken = Opt::new(self.breaker.as_ref(), timed);
+        let retried = self.retry.layer(broken);
+        let limited = match &self.limit {
+            Some(limit) => Opt::On(LoadShed::new(limit.layer(retried))),
+            None => Opt::Off(retried),
+        };
+        let timely = Opt::new(self.deadline.as_ref(), limited);
+        Upstream {
+            inner: self.map_faults.layer(timely),
+        }
+    }
+}
+
+type MakeRetry<P> = Box<dyn FnOnce(Option<Classifier>) -> Result<RetryLayer<P>, ConfigError>>;
+
+/// Configures an [`UpstreamLayer`]; see [`Upstream::builder()`] and the
+/// [module docs](self) for the defaults.
+///
+/// Settings are checked by [`build`](Self::build), which never panics.
+///
+/// A [`classifier`](Self::classifier) applies to the layers the builder makes itself; a
+/// layer you pass in (`.retry(…)`, `.breaker(…)`, `.map_faults(…)`) keeps the classifier
+/// it was built with.
+#[must_use]
+pub struct UpstreamBuilder<P = DefaultPolicy> {
+    map_faults: Option<MapFaultsLayer>,
+    deadline: Part<DeadlineLayer>,
+    limit: Option<usize>,
+    retry: MakeRetry<P>,
+    retrying: bool,
+    breaker: Part<CircuitBreakerLayer>,
+    attempt_timeout: Part<AttemptTimeoutLayer>,
+    classifier: Option<Classifier>,
+}
+
+/// One optional part of the stack: its default, a duration to check, a layer, or off.
+#[derive(Debug)]
+enum Part<L> {
+    Default,
+    Duration(Duration),
+    Layer(L),
+    Off,
+}
+
+impl UpstreamBuilder {
+    fn new() -> Self {
+        UpstreamBuilder {
+            map_faults: None,
+            deadline: Part::Default,
+            limit: None,
+            retry: Box::new(default_retry),
+            retrying: true,
+            breaker: Part::Default,
+            attempt_timeout: Part::Default,
+            classifier: None,
+        }
+    }
+}
+
+fn default_retry(classifier: Option<Classifier>) -> Result<RetryLayer, ConfigError> {
+    let builder = RetryLayer::builder();
+    match classifier {
+        Some(c) => builder.classifier(c).build(),
+        None => builder.build(),
+    }
+}
+
+impl<P> UpstreamBuilder<P> {
+    /// The outermost layer, answering faults (default [`MapFaultsLayer::new()`]).
+    pub fn map_faults(mut self, layer: MapFaultsLayer) -> Self {
+        self.map_faults = Some(layer);
+        self
+    }
+
+    /// The overall deadline of a request (default 30 s; must be > 0), capped by an
+    /// incoming `grpc-timeout` and propagated to gRPC upstreams.
+    pub fn deadline(mut self, timeout: Duration) -> Self {
+        self.deadline = Part::Duration(timeout);
+        self
+    }
+
+    /// A deadline layer of your own making (other headers, no propagation…).
+    pub fn deadline_layer(mut self, layer: DeadlineLayer) -> Self {
+        self.deadline = Part::Layer(layer);
+        self
+    }
+
+    /// No overall deadline: a request takes as long as its attempts and backoffs do.
+    pub fn no_deadline(mut self) -> Self {
+        self.deadline = Part::Off;
+        self
+    }
+
+    /// At most `max` requests in flight through every service of the layer together (at
+    /// least 1); a request over the limit is not queued but answered 503
+    /// `connection_limit_reached` at once (tower's `ConcurrencyLimit` + `LoadShed`). Off
+    /// by default.
+    pub fn concurrency_limit(mut self, max: usize) -> Self {
+        self.limit = Some(max);
+        self
+    }
+
+    /// No concurrency limit (the default).
+    pub fn no_concurrency_limit(mut self) -> Self {
+        self.limit = None;
+        self
+    }
+
+    /// The retry layer (default [`RetryLayer::new()`]). Its budget is the layer's: pass
+    /// clones of one `RetryLayer` to several builders to share one budget.
+    pub fn retry<P2>(self, layer: RetryLayer<P2>) -> UpstreamBuilder<P2>
+    where
+        P2: 'static,
+    {
+        UpstreamBuilder {
+            map_faults: self.map_faults,
+            deadline: self.deadline,
+            limit: self.limit,
+            retry: Box::new(move |_| Ok(layer)),
+            retrying: true,
+            breaker: self.breaker,
+            attempt_timeout: self.attempt_timeout,
+            classifier: self.classifier,
+        }
+    }
+
+    /// No retries: every request is sent once (its body passes through untouched).
+    pub fn no_retry(self) -> UpstreamBuilder {
+        UpstreamBuilder {
+            map_faults: self.map_faults,
+            deadline: self.deadline,
+            limit: self.limit,
+            retry: Box::new(|_| RetryLayer::builder().max_attempts(1).build()),
+            retrying: false,
+            breaker: self.breaker,
+            attempt_timeout: self.attempt_timeout,
+            classifier: self.classifier,
+        }
+    }
+
+    /// The circuit breaker layer (default [`CircuitBreakerLayer::new()`]).
+    pub fn breaker(mut self, layer: CircuitBreakerLayer) -> Self {
+        self.breaker = Part::Layer(layer);
+        self
+    }
+
+    /// No circuit breaker.
+    pub fn no_breaker(mut self) -> Self {
+        self.breaker = Part::Off;
+        self
+    }
+
+    /// The timeout of each attempt (default 10 s; must be > 0). The deadline's remaining
+    /// time shortens it when smaller.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Part::Duration(timeout);
+        self
+    }
+
+    /// An attempt timeout layer of your own making.
+    pub fn attempt_timeout_layer(mut self, layer: AttemptTimeoutLayer) -> Self {
+        self.attempt_timeout = Part::Layer(layer);
+        self
+    }
+
+    /// No per-attempt timeout: an attempt may take what the deadline leaves.
+    pub fn no_attempt_timeout(mut self) -> Self {
+        self.attempt_timeout = Part::Off;
+        self
+    }
+
+    /// The classifier for the layers the builder makes (the fault mapper, the retry and the
+    /// breaker, unless passed in). Default: the built-in rules.
+    pub fn classifier(mut self, classifier: Classifier) -> Self {
+        self.classifier = Some(classifier);
+        self
+    }
+
+    /// Checks the settings and makes the layer, with its breakers, budget and limit.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the field and the bad value: `deadline.timeout` or
+    /// `attempt_timeout.timeout` of zero, `concurrency_limit` of zero, or whatever a
+    /// default layer's own builder rejects.
+    pub fn build(self) -> Result<UpstreamLayer<P>, ConfigError> {
+        let classifier = self.classifier;
+        let map_faults = match self.map_faults {
+            Some(layer) => layer,
+            None => match &classifier {
+                Some(c) => MapFaultsLayer::builder().classifier(c.clone()).build()?,
+                None => MapFaultsLayer::new(),
+            },
+        };
+        let deadline = match self.deadline {
+            Part::Default => Some(DeadlineLayer::new(DEFAULT_DEADLINE)),
+            Part::Duration(d) => Some(DeadlineLayer::builder().timeout(d).build()?),
+            Part::Layer(layer) => Some(layer),
+            Part::Off => None,
+        };
+        let limit = match self.limit {
+            Some(0) => {
+                return Err(ConfigError::new(
+                    "concurrency_limit",
+                    "must be at least 1 (got 0)",
+                ))
+            }
+            Some(max) => Some(GlobalConcurrencyLimitLayer::new(max)),
+            None => None,
+        };
+        let breaker = match self.breaker {
+            Part::Default | Part::Duration(_) => Some(match &classifier {
+                Some(c) => CircuitBreakerLayer::builder()
+                    .classifier(c.clone())
+                    .build()?,
+                None => CircuitBreakerLayer::new(),
+            }),
+            Part::Layer(layer) => Some(layer),
+            Part::Off => None,
+        };
+        let attempt_timeout = match self.attempt_timeout {
+            Part::Default => Some(AttemptTimeoutLayer::new(DEFAULT_ATTEMPT_TIMEOUT)),
+            Part::Duration(d) => Some(AttemptTimeoutLayer::builder().timeout(d).build()?),
+            Part::Layer(layer) => Some(layer),
+            Part::Off => None,
+        };
+        let retry = (self.retry)(classifier)?;
+        Ok(UpstreamLayer {
+            map_faults,
+            deadline,
+            limit,
+            retry,
+            retrying: self.retrying,
+            breaker,
+            attempt_timeout,
+        })
+    }
+}
+
+impl<P> fmt::Debug for UpstreamBuilder<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamBuilder")
+            .field("map_faults", &self.map_faults)
+            .field("deadline", &self.deadline)
+            .field("limit", &self.limit)
+            .field("retrying", &self.retrying)
+            .field("breaker", &self.breaker)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("classifier", &self.classifier)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An optional layer's service: the layer's, or the inner service as is (its error boxed).
+#[derive(Clone, Debug)]
+enum Opt<A, B> {
+    On(A),
+    Off(B),
+}
+
+impl<A, B> Opt<A, B> {
+    fn new<L: Layer<B, Service = A>>(layer: Option<&L>, inner: B) -> Self {
+        match layer {
+            Some(layer) => Opt::On(layer.layer(inner)),
+            None => Opt::Off(inner),
+        }
+    }
+}
+
+impl<A, B, R> Service<R> for Opt<A, B>
+where
+    A: Service<R>,
+    A::Error: Into<BoxError>,
+    B: Service<R, Response = A::Response>,
+    B::Error: Into<BoxError>,
+{
+    type Response = A::Response;
+    type Error = BoxError;
+    type Future = OptFuture<A::Future, B::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self {
+            Opt::On(s) => s.poll_ready(cx).map_err(Into::into),
+            Opt::Off(s) => s.poll_ready(cx).map_err(Into::into),
+        }
+    }
+
+    #[inline]
+    fn call(&mut self, req: R) -> Self::Future {
+        match self {
+            Opt::On(s) => OptFuture::On { f: s.call(req) },
+            Opt::Off(s) => OptFuture::Off { f: s.call(req) },
+        }
+    }
+}
+
+pin_project! {
+    #[project = OptProj]
+    enum OptFuture<A, B> {
+        On { #[pin] f: A },
+        Off { #[pin] f: B },
+    }
+}
+
+impl<A, B, T, EA, EB> Future for OptFuture<A, B>
+where
+    A: Future<Output = Result<T, EA>>,
+    B: Future<Output = Result<T, EB>>,
+    EA: Into<BoxError>,
+    EB: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            OptProj::On { f } => f.poll(cx).map_err(Into::into),
+            OptProj::Off { f } => f.poll(cx).map_err(Into::into),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    fn assert_send<T: Send + 'static>() {}
+
+    type Inner = tower::util::BoxCloneSyncService<
+        Request<ReplayBody<http_body_util::Full<bytes::Bytes>>>,
+        Response<http_body_util::Full<bytes::Bytes>>,
+        BoxError,
+    >;
+
+    #[test]
+    fn send_sync() {
+        assert_send_sync::<UpstreamLayer>();
+        assert_send_sync::<Upstream<Inner>>();
+        assert_send::<
+            ResponseFuture<
+                Inner,
+                DefaultPolicy,
+                http_body_util::Full<bytes::Bytes>,
+                http_body_util::Full<bytes::Bytes>,
+            >,
+        >();
+    }
+
+    #[test]
+    fn defaults_build() {
+        let layer = Upstream::builder().build().unwrap();
+        let _ = UpstreamLayer::new();
+        assert!(layer.breaker_handle().is_some());
+        assert!(layer.retry_budget().is_some());
+        let bare = Upstream::builder()
+            .no_deadline()
+            .no_retry()
+            .no_breaker()
+            .no_attempt_timeout()
+            .build()
+            .unwrap();
+        assert!(bare.breaker_handle().is_none());
+        assert!(bare.retry_budget().is_none());
+    }
+}
