@@ -89,6 +89,7 @@ pub mod deadline;
 mod error;
 pub mod fault;
 pub mod grpc;
+mod head;
 pub mod map_faults;
 
 /// Guides: how to wire the layers into real services. Their examples are doc-tested.
@@ -104,6 +105,7 @@ pub use breaker::{CircuitBreaker, CircuitBreakerLayer};
 pub use deadline::{Deadline, DeadlineLayer, RequestDeadline};
 pub use error::ConfigError;
 pub use fault::{Classification, Classifier, Fault, Sent};
+pub use head::RequestHead;
 pub use map_faults::{MapFaults, MapFaultsLayer};
 pub use retry::{Retry, RetryBudget, RetryLayer};
 pub use timeout::{AttemptTimeout, AttemptTimeoutLayer};

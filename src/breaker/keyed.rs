@@ -22,8 +22,6 @@ use std::sync::atomic::{
 };
 use std::sync::{Arc, Mutex, RwLock};
 
-use http::{Extensions, HeaderMap, Method, Uri};
-
 use super::state::{Config, Core};
 
 /// The key of the breaker shared by requests that have no key (no authority in the URI, or
@@ -34,45 +32,7 @@ pub const NO_KEY: &str = "";
 /// idle long enough to be evicted.
 pub const OVERFLOW_KEY: &str = "(overflow)";
 
-/// What a key function sees of a request: everything but the body.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestHead<'a> {
-    method: &'a Method,
-    uri: &'a Uri,
-    headers: &'a HeaderMap,
-    extensions: &'a Extensions,
-}
-
-impl<'a> RequestHead<'a> {
-    pub(crate) fn of<B>(req: &'a http::Request<B>) -> Self {
-        RequestHead {
-            method: req.method(),
-            uri: req.uri(),
-            headers: req.headers(),
-            extensions: req.extensions(),
-        }
-    }
-
-    /// The request method.
-    pub fn method(&self) -> &'a Method {
-        self.method
-    }
-
-    /// The request URI.
-    pub fn uri(&self) -> &'a Uri {
-        self.uri
-    }
-
-    /// The request headers.
-    pub fn headers(&self) -> &'a HeaderMap {
-        self.headers
-    }
-
-    /// The request extensions.
-    pub fn extensions(&self) -> &'a Extensions {
-        self.extensions
-    }
-}
+pub use crate::head::RequestHead;
 
 pub(crate) type KeyFn = Arc<dyn for<'a> Fn(&RequestHead<'a>) -> Option<Cow<'a, str>> + Send + Sync>;
 
