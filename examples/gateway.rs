@@ -215,12 +215,17 @@ impl fmt::Debug for Route {
     }
 }
 
+// One per route, made once: their sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum RouteService {
-    Full {
-        service: Upstream<Forward<ReplayBody<Incoming>>>,
-        layer: UpstreamLayer,
-    },
+    Full(Stacked),
     Bare(Forward<Incoming>),
+}
+
+/// A route's stack, and the layer it came from (for the status JSON).
+struct Stacked {
+    service: Upstream<Forward<ReplayBody<Incoming>>>,
+    layer: UpstreamLayer,
 }
 
 impl Gateway {
@@ -256,7 +261,7 @@ impl Gateway {
                         handle.force_open();
                     }
                     let service = layer.layer(Forward::new(rc.http2, via.clone()));
-                    RouteService::Full { service, layer }
+                    RouteService::Full(Stacked { service, layer })
                 }
             };
             routes.push(Route {
@@ -302,7 +307,7 @@ impl Gateway {
             Err(msg) => return text_response(StatusCode::BAD_REQUEST, msg),
         };
         match &route.service {
-            RouteService::Full { service, .. } => match service.clone().oneshot(req).await {
+            RouteService::Full(stacked) => match stacked.service.clone().oneshot(req).await {
                 Ok(res) => res.map(|b| Either::Left(Either::Left(b))),
                 Err(never) => match never {},
             },
@@ -366,8 +371,8 @@ impl Route {
 
     fn status(&self) -> serde_json::Value {
         let (breaker, budget) = match &self.service {
-            RouteService::Full { layer, .. } => (
-                layer.breaker_handle().map(|h| {
+            RouteService::Full(stacked) => (
+                stacked.layer.breaker_handle().map(|h| {
                     let circuits: Vec<_> = h
                         .snapshots()
                         .iter()
@@ -392,7 +397,7 @@ impl Route {
                         "circuits": circuits,
                     })
                 }),
-                layer.retry_budget().map(|b| {
+                stacked.layer.retry_budget().map(|b| {
                     serde_json::json!({
                         "balance": b.balance(),
                         "exhausted": b.exhausted(),
@@ -899,4 +904,91 @@ async fn main() -> ExitCode {
     })
     .await;
     ExitCode::SUCCESS
+}
+
+// Run by `tests/gateway.rs`, which compiles this file in as a module.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_quotes_ipv6_and_non_token_hosts() {
+        let v6 = SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1], 4711));
+        let host = HeaderValue::from_static("example.com");
+        assert_eq!(
+            forwarded(v6, Some(&host)),
+            "for=\"[2001:db8::1]\";proto=http;host=example.com"
+        );
+        let v4 = SocketAddr::from(([192, 0, 2, 7], 4711));
+        let host = HeaderValue::from_static("example.com:8080");
+        assert_eq!(
+            forwarded(v4, Some(&host)),
+            "for=192.0.2.7;proto=http;host=\"example.com:8080\""
+        );
+        // An IPv4-mapped IPv6 peer (a dual-stack listener) is reported as IPv4.
+        let mapped = SocketAddr::from(([0, 0, 0, 0, 0, 0xffff, 0xc000, 0x0207], 1));
+        assert_eq!(forwarded(mapped, None), "for=192.0.2.7;proto=http");
+    }
+
+    #[test]
+    fn prefixes_match_on_segment_boundaries() {
+        assert_eq!(normalize_prefix("/api/").unwrap(), "/api");
+        assert_eq!(normalize_prefix("/").unwrap(), "/");
+        assert_eq!(normalize_prefix("//").unwrap(), "/");
+        assert!(normalize_prefix("api").is_err());
+        assert!(normalize_prefix("/a?b").is_err());
+        assert!(normalize_prefix("/_upstream/x").is_err());
+        assert!(normalize_prefix("/_upstreams").is_ok());
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/"));
+        assert!(prefix_matches("/api", "/api/x"));
+        assert!(!prefix_matches("/api", "/apix"));
+        assert!(!prefix_matches("/api", "/ap"));
+        assert!(prefix_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn targets_join_without_double_slashes() {
+        let join = |base: &str, prefix: &str, uri: &str| {
+            Target::parse(base)
+                .unwrap()
+                .join(prefix, &uri.parse().unwrap())
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(join("http://h:1", "/api", "/api/x?y=1"), "http://h:1/x?y=1");
+        assert_eq!(join("http://h:1/", "/api", "/api"), "http://h:1/");
+        assert_eq!(join("http://h:1/v1/", "/api", "/api/"), "http://h:1/v1/");
+        assert_eq!(join("http://h:1/v1", "/api", "/api?q"), "http://h:1/v1?q");
+        assert_eq!(join("http://h:1/v1", "/", "/a//b"), "http://h:1/v1/a//b");
+        // An absolute-form request target (HTTP/2, proxies) keeps only path and query.
+        assert_eq!(
+            join("http://h:1", "/api", "http://gw:8/api/x?q"),
+            "http://h:1/x?q"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_te_trailers_stays_on_requests() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("X-A, x-b"));
+        h.append(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("x-b", HeaderValue::from_static("2"));
+        h.insert("x-c", HeaderValue::from_static("3"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, Trailers"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let mut res = h.clone();
+        strip_hop_by_hop(&mut h, Direction::Request);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-c", "te"]);
+        assert_eq!(h[header::TE], "trailers");
+        strip_hop_by_hop(&mut res, Direction::Response);
+        let names: Vec<_> = res.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-c"]);
+    }
 }

@@ -1,0 +1,507 @@
+//! `examples/gateway.rs` over real sockets on 127.0.0.1: routing by longest prefix with the
+//! prefix stripped and the query kept, hop-by-hop headers removed both ways, `Via` and
+//! `Forwarded`, 502 for a refused upstream, 504 for a hung one, 503 + `Retry-After` for a
+//! forced-open route, h2c downstream and upstream, the status JSON, and configuration errors
+//! that name the field.
+//!
+//! The example is compiled in as a module (its `#[cfg(test)]` unit tests run here too).
+//! Timeouts are real (a few hundred milliseconds): hyper's and the client's timers run on
+//! real sockets.
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/gateway.rs"]
+mod gateway;
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, Request, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use gateway::{Config, Gateway, Mode, STATUS_PATH};
+use support::*;
+
+/// Starts a gateway from TOML text on 127.0.0.1; it runs until the test's runtime ends.
+async fn start(toml: &str) -> SocketAddr {
+    start_mode(toml, Mode::Full).await
+}
+
+async fn start_mode(toml: &str, mode: Mode) -> SocketAddr {
+    let config = Config::from_toml(toml).unwrap();
+    let gw = Gateway::new(&config, mode).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(gateway::serve(listener, gw, std::future::pending()));
+    addr
+}
+
+/// An upstream that sends every request head it reads to the returned channel and answers
+/// `reply`.
+async fn recording(reply: &'static [u8]) -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let addr = raw_upstream(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let head = read_head(&mut s).await;
+            let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+            let _ = s.write_all(reply).await;
+            let _ = s.shutdown().await;
+        }
+    })
+    .await;
+    (addr, rx)
+}
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+
+async fn send(req: Request<Body>) -> http::Response<Incoming> {
+    tokio::time::timeout(REAL_TIMEOUT, client().request(req))
+        .await
+        .expect("the gateway answers in time")
+        .expect("the gateway answers")
+}
+
+async fn status_of(uri: String) -> StatusCode {
+    send(Request::get(uri).body(empty()).unwrap())
+        .await
+        .status()
+}
+
+/// The request line of a recorded head.
+fn request_line(head: &str) -> &str {
+    head.lines().next().unwrap_or("")
+}
+
+/// The values of header `name` in a recorded head (case-insensitive).
+fn header_values<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
+    head.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+        .collect()
+}
+
+#[tokio::test]
+async fn longest_prefix_wins_prefix_stripped_path_and_query_kept() {
+    let (root_addr, root_rx) = recording(OK).await;
+    let (api_addr, api_rx) = recording(OK).await;
+    let (v2_addr, v2_rx) = recording(OK).await;
+    let gw = start(&format!(
+        r#"
+        [[routes]]
+        prefix = "/"
+        upstream = "http://{root_addr}"
+        [[routes]]
+        prefix = "/api/"
+        upstream = "http://{api_addr}/v1/"
+        [[routes]]
+        prefix = "/api/v2"
+        upstream = "http://{v2_addr}"
+        "#
+    ))
+    .await;
+
+    let mut rx = [root_rx, api_rx, v2_rx];
+    let (root, api, v2) = (0, 1, 2);
+    let cases = [
+        (
+            "/api/users/7?x=1&y=%20",
+            api,
+            "GET /v1/users/7?x=1&y=%20 HTTP/1.1",
+        ),
+        ("/api?q", api, "GET /v1?q HTTP/1.1"),
+        ("/api/v2/orders?id=3", v2, "GET /orders?id=3 HTTP/1.1"),
+        ("/api/v2", v2, "GET / HTTP/1.1"),
+        // Segment boundary: /apix is not under /api.
+        ("/apix/y", root, "GET /apix/y HTTP/1.1"),
+        ("/", root, "GET / HTTP/1.1"),
+    ];
+    for (path, upstream, expected) in cases {
+        assert_eq!(
+            status_of(format!("http://{gw}{path}")).await,
+            StatusCode::OK,
+            "{path}"
+        );
+        let head = rx[upstream].recv().await.unwrap();
+        assert_eq!(request_line(&head), expected, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn no_route_is_404_from_the_gateway() {
+    let (api, _rx) = recording(OK).await;
+    let gw = start(&format!(
+        "[[routes]]\nprefix = \"/api\"\nupstream = \"http://{api}\"\n"
+    ))
+    .await;
+    let res = send(
+        Request::get(format!("http://{gw}/other"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    assert!(
+        !res.headers().contains_key(header::VIA),
+        "the gateway's own answer"
+    );
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_removed_both_ways_via_and_forwarded_added() {
+    let (up, mut rx) = recording(
+        b"HTTP/1.1 200 OK\r\n\
+          connection: x-secret\r\n\
+          x-secret: internal\r\n\
+          keep-alive: timeout=5\r\n\
+          proxy-authenticate: Basic realm=\"up\"\r\n\
+          x-end: 1\r\n\
+          via: 1.1 upstream-proxy\r\n\
+          content-length: 2\r\n\r\nok",
+    )
+    .await;
+    let gw = start(&format!(
+        "name = \"test-gw\"\n[[routes]]\nprefix = \"/\"\nupstream = \"http://{up}\"\n"
+    ))
+    .await;
+
+    let req = Request::get(format!("http://{gw}/x"))
+        .header(header::CONNECTION, "x-hop, X-Other-Hop")
+        .header("x-hop", "1")
+        .header("x-other-hop", "2")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header(header::PROXY_AUTHORIZATION, "Basic Zm9vOmJhcg==")
+        .header(header::TE, "trailers, deflate;q=0.5")
+        .header(header::VIA, "1.0 client-proxy")
+        .header("x-end-to-end", "kept")
+        .body(empty())
+        .unwrap();
+    let res = send(req).await;
+    assert_eq!(res.status(), StatusCode::OK);
+
+    // What the upstream saw.
+    let head = rx.recv().await.unwrap();
+    for name in [
+        "connection",
+        "x-hop",
+        "x-other-hop",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+    ] {
+        assert!(
+            header_values(&head, name).is_empty(),
+            "{name} forwarded:\n{head}"
+        );
+    }
+    assert_eq!(header_values(&head, "te"), ["trailers"], "{head}");
+    assert_eq!(header_values(&head, "x-end-to-end"), ["kept"]);
+    assert_eq!(header_values(&head, "host"), [up.to_string()]);
+    assert_eq!(
+        header_values(&head, "via"),
+        ["1.0 client-proxy", "1.1 test-gw"]
+    );
+    assert_eq!(
+        header_values(&head, "forwarded"),
+        [format!("for=127.0.0.1;proto=http;host=\"{gw}\"")]
+    );
+
+    // What the client saw.
+    let h = res.headers();
+    for name in ["x-secret", "keep-alive", "proxy-authenticate"] {
+        assert!(!h.contains_key(name), "{name} came back: {h:?}");
+    }
+    let connection = h.get_all(header::CONNECTION).iter().count();
+    assert_eq!(connection, 0, "{h:?}");
+    assert_eq!(h["x-end"], "1");
+    let via: Vec<_> = h.get_all(header::VIA).iter().collect();
+    assert_eq!(via, ["1.1 upstream-proxy", "1.1 test-gw"]);
+}
+
+#[tokio::test]
+async fn refused_upstream_answers_502() {
+    let dead = closed_port().await;
+    let gw = start(&format!(
+        "name = \"test-gw\"\n[[routes]]\nprefix = \"/\"\nupstream = \"http://{dead}\"\n"
+    ))
+    .await;
+    let res = send(
+        Request::get(format!("http://{gw}/x"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        res.headers()["proxy-status"],
+        "test-gw; error=connection_refused"
+    );
+}
+
+#[tokio::test]
+async fn bare_gateway_answers_502_without_proxy_status() {
+    let dead = closed_port().await;
+    let gw = start_mode(
+        &format!("[[routes]]\nprefix = \"/\"\nupstream = \"http://{dead}\"\n"),
+        Mode::Bare,
+    )
+    .await;
+    let res = send(
+        Request::get(format!("http://{gw}/x"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    assert!(!res.headers().contains_key("proxy-status"));
+}
+
+#[tokio::test]
+async fn hung_upstream_answers_504_within_the_deadline() {
+    let hung = raw_upstream(|mut s| async move {
+        read_head(&mut s).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let gw = start(&format!(
+        r#"
+        [[routes]]
+        prefix = "/slow"
+        upstream = "http://{hung}"
+        [routes.stack]
+        deadline_ms = 300
+        attempt_timeout_ms = 100
+        "#
+    ))
+    .await;
+    let started = tokio::time::Instant::now();
+    let res = send(
+        Request::get(format!("http://{gw}/slow/x"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(res.headers()["proxy-status"]
+        .to_str()
+        .unwrap()
+        .contains("error=http_response_timeout"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn forced_open_route_answers_503_with_retry_after_without_calling_upstream() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let up = {
+        let hits = hits.clone();
+        raw_upstream(move |mut s| {
+            let hits = hits.clone();
+            async move {
+                hits.fetch_add(1, SeqCst);
+                read_head(&mut s).await;
+                let _ = s.write_all(OK).await;
+            }
+        })
+        .await
+    };
+    let gw = start(&format!(
+        r#"
+        [[routes]]
+        prefix = "/down"
+        upstream = "http://{up}"
+        force_open = true
+        [[routes]]
+        prefix = "/up"
+        upstream = "http://{up}"
+        "#
+    ))
+    .await;
+    for _ in 0..3 {
+        let res = send(
+            Request::get(format!("http://{gw}/down/x"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let retry_after: u64 = res.headers()[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(retry_after >= 1, "{retry_after}");
+    }
+    assert_eq!(
+        hits.load(SeqCst),
+        0,
+        "a forced-open route calls no upstream"
+    );
+    // Another route to the same upstream has its own breaker.
+    assert_eq!(status_of(format!("http://{gw}/up/x")).await, StatusCode::OK);
+    assert_eq!(hits.load(SeqCst), 1);
+}
+
+#[tokio::test]
+async fn h2c_downstream_and_upstream() {
+    let upstream = serve(tower::service_fn(|req: Request<Incoming>| async move {
+        // HTTP/1.1 names the authority in Host, HTTP/2 in the URI (:authority).
+        let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
+            let host = req.headers().get(header::HOST)?;
+            Some(host.to_str().ok()?.to_owned())
+        });
+        let body = format!(
+            "{:?} {:?} {} via={:?}",
+            req.version(),
+            authority,
+            req.uri().path_and_query().unwrap(),
+            req.headers().get(header::VIA)
+        );
+        Ok::<_, std::convert::Infallible>(http::Response::new(full(body)))
+    }))
+    .await;
+    let gw = start(&format!(
+        r#"
+        name = "test-gw"
+        [[routes]]
+        prefix = "/h1"
+        upstream = "http://{upstream}"
+        [[routes]]
+        prefix = "/h2"
+        upstream = "http://{upstream}"
+        http2 = true
+        "#
+    ))
+    .await;
+
+    for (path, expected) in [("/h1/a?b", "HTTP/1.1"), ("/h2/a?b", "HTTP/2.0")] {
+        let expected = format!("{expected} Some(\"{upstream}\") /a?b via=Some(\"2 test-gw\")");
+        let req = Request::get(format!("http://{gw}{path}"))
+            .body(empty())
+            .unwrap();
+        let res = tokio::time::timeout(REAL_TIMEOUT, h2_client().request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        assert_eq!(res.version(), Version::HTTP_2);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(String::from_utf8_lossy(&body), expected);
+    }
+}
+
+#[tokio::test]
+async fn status_json_shows_every_route_breakers_and_budget() {
+    let (up, _rx) = recording(OK).await;
+    let gw = start(&format!(
+        r#"
+        name = "test-gw"
+        [[routes]]
+        prefix = "/a"
+        upstream = "http://{up}"
+        [[routes]]
+        prefix = "/b"
+        upstream = "http://{up}"
+        force_open = true
+        [routes.stack]
+        retry = false
+        "#
+    ))
+    .await;
+    assert_eq!(status_of(format!("http://{gw}/a/x")).await, StatusCode::OK);
+
+    let res = send(
+        Request::get(format!("http://{gw}{STATUS_PATH}"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+
+    assert_eq!(json["gateway"], "test-gw");
+    assert_eq!(json["mode"], "full");
+    let routes = json["routes"].as_array().unwrap();
+    assert_eq!(routes.len(), 2);
+    let (a, b) = (&routes[0], &routes[1]);
+    assert_eq!(a["prefix"], "/a");
+    assert_eq!(a["upstream"], format!("http://{up}"));
+    assert_eq!(a["breaker"]["mode"], "automatic");
+    let circuits = a["breaker"]["circuits"].as_array().unwrap();
+    assert_eq!(circuits.len(), 1, "{circuits:?}");
+    assert_eq!(circuits[0]["key"], up.to_string());
+    assert_eq!(circuits[0]["state"], "closed");
+    assert_eq!(circuits[0]["calls"], 1);
+    assert_eq!(circuits[0]["failure_rate"], 0.0);
+    assert!(a["retry_budget"]["balance"].as_u64().unwrap() > 0);
+
+    assert_eq!(b["prefix"], "/b");
+    assert_eq!(b["breaker"]["mode"], "forced_open");
+    assert!(b["retry_budget"].is_null(), "no retries on /b");
+}
+
+#[test]
+fn configuration_errors_name_the_field() {
+    let cases = [
+        (
+            "[[routes]]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\n[[routes]]\nprefix = \"b\"\nupstream = \"http://127.0.0.1:1\"\n",
+            "routes[1].prefix",
+        ),
+        (
+            "[[routes]]\nprefix = \"/a/\"\nupstream = \"http://127.0.0.1:1\"\n[[routes]]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\n",
+            "routes[1].prefix",
+        ),
+        (
+            "[[routes]]\nprefix = \"/_upstream\"\nupstream = \"http://127.0.0.1:1\"\n",
+            "routes[0].prefix",
+        ),
+        (
+            "[[routes]]\nprefix = \"/a\"\nupstream = \"https://127.0.0.1:1\"\n",
+            "routes[0].upstream",
+        ),
+        (
+            "[[routes]]\nprefix = \"/a\"\nupstream = \"127.0.0.1:1\"\n",
+            "routes[0].upstream",
+        ),
+        (
+            "[[routes]]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\n[routes.stack]\ndeadline_ms = 0\n",
+            "routes[0].stack",
+        ),
+        ("name = \"two words\"\n", "name"),
+    ];
+    for (toml, field) in cases {
+        let config = Config::from_toml(toml).unwrap();
+        let err = Gateway::new(&config, Mode::Full).unwrap_err();
+        assert!(err.to_string().starts_with(field), "{field}: {err}");
+    }
+    // Unknown fields are errors, not silently ignored.
+    let err =
+        Config::from_toml("[[routes]]\nprefix = \"/a\"\nupstream = \"http://x\"\ntimeout = 1\n")
+            .unwrap_err();
+    assert!(err.to_string().contains("timeout"), "{err}");
+}
+
+#[test]
+fn the_example_configuration_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gateway.toml");
+    let config = Config::load(&path).unwrap();
+    for mode in [Mode::Full, Mode::Bare] {
+        let gw = Gateway::new(&config, mode).unwrap();
+        assert!(gw.routes().count() >= 2);
+    }
+}
