@@ -8,14 +8,16 @@ use http::{HeaderName, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::names::header_unit;
-use crate::breaker::CircuitBreakerLayer;
-use crate::deadline::{DeadlineLayer, HeaderUnit};
+use crate::breaker::{self, CircuitBreakerLayer};
+use crate::deadline::{DeadlineBuilder, DeadlineLayer, HeaderUnit};
 use crate::error::ConfigError;
 use crate::fault::Classifier;
 use crate::grpc::Code;
-use crate::map_faults::MapFaultsLayer;
-use crate::retry::{Backoff, DefaultPolicy, RetryBudget, RetryLayer};
-use crate::timeout::AttemptTimeoutLayer;
+use crate::map_faults::{MapFaultsLayer, MapFaultsLayerBuilder};
+use crate::retry::{
+    Backoff, DefaultPolicy, RetryBudget, RetryBudgetBuilder, RetryLayer, RetryLayerBuilder,
+};
+use crate::timeout::{AttemptTimeoutBuilder, AttemptTimeoutLayer};
 use crate::upstream::{DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_DEADLINE};
 
 /// `[map_faults]`: how faults are answered; see
@@ -68,18 +70,24 @@ impl MapFaultsConfig {
             Some(BodyFormat::PlainText) => b.plain_text(),
             Some(BodyFormat::ProblemJson) | None => b.problem_json(),
         };
-        if let Some(expose) = self.expose_details {
-            b = b.expose_details(expose);
-        }
+        b = set(
+            b,
+            self.expose_details,
+            MapFaultsLayerBuilder::expose_details,
+        );
         if let Some(status) = self.unclassified_status {
             b = b.unclassified_status(status_code("map_faults.unclassified_status", status)?);
         }
-        if let Some(code) = self.unclassified_grpc_code {
-            b = b.unclassified_grpc_code(code);
-        }
-        if let Some(rewrite) = self.rewrite_upstream_5xx {
-            b = b.rewrite_upstream_5xx(rewrite);
-        }
+        b = set(
+            b,
+            self.unclassified_grpc_code,
+            MapFaultsLayerBuilder::unclassified_grpc_code,
+        );
+        b = set(
+            b,
+            self.rewrite_upstream_5xx,
+            MapFaultsLayerBuilder::rewrite_upstream_5xx,
+        );
         if let Some(c) = classifier {
             b = b.classifier(c.clone());
         }
@@ -141,15 +149,11 @@ impl DeadlineConfig {
             return Ok(None);
         }
         let mut b = DeadlineLayer::builder().timeout(self.timeout.unwrap_or(DEFAULT_DEADLINE));
-        if let Some(honour) = self.grpc_timeout {
-            b = b.grpc_timeout(honour);
-        }
+        b = set(b, self.grpc_timeout, DeadlineBuilder::grpc_timeout);
         if let Some(h) = &self.header {
             b = b.header(header_name("deadline.header.name", &h.name)?, h.unit);
         }
-        if let Some(propagate) = self.propagate {
-            b = b.propagate(propagate);
-        }
+        b = set(b, self.propagate, DeadlineBuilder::propagate);
         b.build().map(Some)
     }
 }
@@ -281,15 +285,9 @@ impl BudgetConfig {
 
     fn budget(&self) -> Result<RetryBudget, ConfigError> {
         let mut b = RetryBudget::builder();
-        if let Some(ratio) = self.ratio {
-            b = b.ratio(ratio);
-        }
-        if let Some(min) = self.min_per_second {
-            b = b.min_per_second(min);
-        }
-        if let Some(window) = self.window {
-            b = b.window(window);
-        }
+        b = set(b, self.ratio, RetryBudgetBuilder::ratio);
+        b = set(b, self.min_per_second, RetryBudgetBuilder::min_per_second);
+        b = set(b, self.window, RetryBudgetBuilder::window);
         b.build()
     }
 }
@@ -320,15 +318,9 @@ impl RetryConfig {
             .policy(policy)
             .backoff(self.backoff.backoff()?)
             .budget(self.budget.budget()?);
-        if let Some(n) = self.max_attempts {
-            b = b.max_attempts(n);
-        }
-        if let Some(cap) = self.pushback_cap {
-            b = b.pushback_cap(cap);
-        }
-        if let Some(limit) = self.body_limit {
-            b = b.body_limit(limit);
-        }
+        b = set(b, self.max_attempts, RetryLayerBuilder::max_attempts);
+        b = set(b, self.pushback_cap, RetryLayerBuilder::pushback_cap);
+        b = set(b, self.body_limit, RetryLayerBuilder::body_limit);
         if let Some(c) = classifier {
             b = b.classifier(c.clone());
         }
@@ -485,36 +477,32 @@ impl BreakerConfig {
             (None, Some(w)) => b = b.time_window(w.size, w.buckets),
             (None, None) => {}
         }
-        if let Some(rate) = self.failure_rate {
-            b = b.failure_rate(rate);
-        }
-        if let Some(n) = self.min_calls {
-            b = b.min_calls(n);
-        }
-        if let Some(n) = self.consecutive_failures {
-            b = b.consecutive_failures(n);
-        }
-        if let Some(d) = self.slow_call_threshold {
-            b = b.slow_call_threshold(d);
-        }
-        if let Some(d) = self.open_duration {
-            b = b.open_duration(d);
-        }
-        if let Some(d) = self.max_open_duration {
-            b = b.max_open_duration(d);
-        }
-        if let Some(j) = self.jitter {
-            b = b.jitter(j);
-        }
-        if let Some(honor) = self.honor_retry_after {
-            b = b.honor_retry_after(honor);
-        }
-        if let Some(n) = self.half_open_probes {
-            b = b.half_open_probes(n);
-        }
-        if let Some(n) = self.probe_successes {
-            b = b.probe_successes(n);
-        }
+        b = set(b, self.failure_rate, breaker::Builder::failure_rate);
+        b = set(b, self.min_calls, breaker::Builder::min_calls);
+        b = set(
+            b,
+            self.consecutive_failures,
+            breaker::Builder::consecutive_failures,
+        );
+        b = set(
+            b,
+            self.slow_call_threshold,
+            breaker::Builder::slow_call_threshold,
+        );
+        b = set(b, self.open_duration, breaker::Builder::open_duration);
+        b = set(
+            b,
+            self.max_open_duration,
+            breaker::Builder::max_open_duration,
+        );
+        b = set(b, self.jitter, breaker::Builder::jitter);
+        b = set(
+            b,
+            self.honor_retry_after,
+            breaker::Builder::honor_retry_after,
+        );
+        b = set(b, self.half_open_probes, breaker::Builder::half_open_probes);
+        b = set(b, self.probe_successes, breaker::Builder::probe_successes);
         if let Some(statuses) = &self.failure_statuses {
             let statuses = statuses
                 .iter()
@@ -539,12 +527,8 @@ impl BreakerConfig {
                 });
             }
         }
-        if let Some(n) = self.max_keys {
-            b = b.max_keys(n);
-        }
-        if let Some(d) = self.idle_timeout {
-            b = b.idle_timeout(d);
-        }
+        b = set(b, self.max_keys, breaker::Builder::max_keys);
+        b = set(b, self.idle_timeout, breaker::Builder::idle_timeout);
         if let Some(c) = classifier {
             b = b.classifier(c.clone());
         }
@@ -588,9 +572,7 @@ impl AttemptTimeoutConfig {
         }
         let mut b =
             AttemptTimeoutLayer::builder().timeout(self.timeout.unwrap_or(DEFAULT_ATTEMPT_TIMEOUT));
-        if let Some(propagate) = self.propagate {
-            b = b.propagate(propagate);
-        }
+        b = set(b, self.propagate, AttemptTimeoutBuilder::propagate);
         b.build().map(Some)
     }
 }
@@ -607,4 +589,12 @@ fn status_code(field: &str, status: u16) -> Result<StatusCode, ConfigError> {
 fn header_name(field: &'static str, name: &str) -> Result<HeaderName, ConfigError> {
     HeaderName::try_from(name)
         .map_err(|_| ConfigError::new(field, format!("not a valid header name (got {name:?})")))
+}
+
+/// `value`, if the file set it, through the builder's own setter.
+fn set<B, T>(builder: B, value: Option<T>, setter: impl FnOnce(B, T) -> B) -> B {
+    match value {
+        Some(value) => setter(builder, value),
+        None => builder,
+    }
 }
