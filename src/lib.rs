@@ -69,14 +69,17 @@
 //!   `CircuitOpen`, answered 503 with `Retry-After`.
 //! - [`grpc`]: gRPC status codes and detection.
 //! - [`upstream`]: the whole stack in one layer, [`Upstream::builder()`].
+//! - [`config`] (feature `serde`): the whole stack from a configuration file.
 //! - [`guide`]: wiring guides (tonic: a gateway in front of gRPC upstreams, an outbound
-//!   `Channel` with retries).
+//!   `Channel` with retries; configuration files).
 //!
 //! # Feature flags
 //!
 //! - `hyper` (default): classify `hyper::Error`, `hyper_util::client::legacy::Error` and
 //!   `h2::Error`. An axum application has these crates already.
 //! - `tonic`: classify `tonic::Status` and `tonic::transport::Error`.
+//! - `serde`: [`config::UpstreamConfig`], the whole stack read from TOML, YAML, JSON or any
+//!   format serde reads, with durations like `"250ms"`.
 //! - `rustls`: classify `rustls::Error` (certificate problems as `tls_certificate_error`,
 //!   the rest as `tls_protocol_error`), as hyper-rustls and tokio-rustls report it.
 //!
@@ -85,6 +88,9 @@
 #![forbid(unsafe_code)]
 
 pub mod breaker;
+#[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+pub mod config;
 pub mod deadline;
 mod error;
 pub mod fault;
@@ -96,6 +102,11 @@ pub mod map_faults;
 pub mod guide {
     #[doc = include_str!("docs/tonic.md")]
     pub mod tonic {}
+
+    #[cfg(feature = "serde")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+    #[doc = include_str!("docs/config.md")]
+    pub mod config {}
 }
 pub mod retry;
 pub mod timeout;
