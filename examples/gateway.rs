@@ -30,8 +30,9 @@
 //!   appended (IPv6 and `host:port` quoted). The upstream's `Host` is its own authority.
 //! - **The stack**: each route's `UpstreamLayer` around a hyper-util client (HTTP/1.1, or
 //!   h2c with `http2 = true`); faults answer 502/503/504 with `Proxy-Status` (or a gRPC
-//!   status for gRPC requests); `force_open = true` opens the route's circuit at start: it
-//!   answers 503 with `Retry-After` without calling the upstream.
+//!   status for gRPC requests). The stack is read as `tower_upstream::config::UpstreamConfig`
+//!   (durations like `"250ms"`); `breaker.mode = "forced_open"` is an operator's switch: the
+//!   route answers 503 with `Retry-After` without calling the upstream.
 //! - **`/_upstream/status`**: JSON with every route's breakers (state, calls, failures,
 //!   failure rate…) and retry budget balance.
 //!
@@ -66,9 +67,10 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_upstream::breaker::{NO_KEY, OVERFLOW_KEY};
-use tower_upstream::map_faults::{FaultBody, MapFaultsLayer};
+use tower_upstream::config::UpstreamConfig;
+use tower_upstream::map_faults::FaultBody;
 use tower_upstream::retry::ReplayBody;
-use tower_upstream::{Upstream, UpstreamLayer};
+use tower_upstream::{ConfigError, Upstream, UpstreamLayer};
 
 /// Where the gateway serves its status JSON.
 pub const STATUS_PATH: &str = "/_upstream/status";
@@ -107,26 +109,11 @@ pub struct RouteConfig {
     /// Speak HTTP/2 (h2c, prior knowledge) to the upstream instead of HTTP/1.1.
     #[serde(default)]
     pub http2: bool,
-    /// Open the route's circuit at start: every request is answered 503 + `Retry-After`.
+    /// The route's stack, as [`UpstreamConfig`] reads it: every field optional (the
+    /// crate's defaults). `breaker.mode = "forced_open"` is the operator's switch: the route
+    /// answers 503 + `Retry-After` without calling its upstream.
     #[serde(default)]
-    pub force_open: bool,
-    /// The route's stack (every field optional: the crate's defaults).
-    #[serde(default)]
-    pub stack: StackConfig,
-}
-
-/// The parts of a route's stack that the file sets; the rest are the crate's defaults.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StackConfig {
-    /// The overall deadline of a request, in milliseconds.
-    pub deadline_ms: Option<u64>,
-    /// The timeout of one attempt, in milliseconds.
-    pub attempt_timeout_ms: Option<u64>,
-    /// At most this many requests in flight to the upstream; over it: 503 at once.
-    pub concurrency_limit: Option<usize>,
-    /// No retries when `false` (default `true`: 3 attempts within a budget).
-    pub retry: Option<bool>,
+    pub stack: UpstreamConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -138,33 +125,28 @@ fn default_name() -> String {
 }
 
 impl Config {
-    /// Parses a configuration from TOML text.
-    pub fn from_toml(text: &str) -> Result<Config, GatewayError> {
-        toml::from_str(text).map_err(|e| GatewayError(e.to_string()))
+    /// Parses a configuration from TOML text. An error names the setting by its path
+    /// (`routes[1].stack.retry.backoff.base`).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| ConfigError::new("toml", e.to_string().trim_end().to_owned()))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { "toml".to_owned() } else { path };
+            ConfigError::new(field, e.into_inner().to_string().trim_end().to_owned())
+        })
     }
 
     /// Reads and parses a configuration file.
-    pub fn load(path: &Path) -> Result<Config, GatewayError> {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| GatewayError(format!("{}: {e}", path.display())))?;
-        Config::from_toml(&text).map_err(|e| GatewayError(format!("{}: {}", path.display(), e.0)))
+            .map_err(|e| ConfigError::new("file", format!("{}: {e}", path.display())))?;
+        Config::from_toml(&text)
     }
 }
 
-/// A configuration the gateway cannot run with, naming the field (`routes[1].prefix: …`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GatewayError(pub String);
-
-impl fmt::Display for GatewayError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for GatewayError {}
-
-fn invalid(route: usize, field: &str, message: impl fmt::Display) -> GatewayError {
-    GatewayError(format!("routes[{route}].{field}: {message}"))
+fn invalid(route: usize, field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::new(format!("routes[{route}].{field}"), message)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -230,14 +212,10 @@ struct Stacked {
 
 impl Gateway {
     /// Checks `config` and builds every route's client and stack. Fails on the first bad
-    /// field (an empty or malformed prefix, a duplicate prefix, a non-`http` upstream, an
-    /// invalid stack setting, `force_open` on a route without a breaker…).
-    pub fn new(config: &Config, mode: Mode) -> Result<Gateway, GatewayError> {
-        let via = Arc::new(Via::new(&config.name).map_err(|e| GatewayError(format!("name: {e}")))?);
-        let map_faults = MapFaultsLayer::builder()
-            .gateway_name(config.name.clone())
-            .build()
-            .map_err(|e| GatewayError(format!("name: {e}")))?;
+    /// field (a malformed or duplicate prefix, a non-`http` upstream, an invalid stack
+    /// setting…), naming it: `routes[2].stack.retry.budget.ratio`.
+    pub fn new(config: &Config, mode: Mode) -> Result<Gateway, ConfigError> {
+        let via = Arc::new(Via::new(&config.name).map_err(|e| ConfigError::new("name", e))?);
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, rc) in config.routes.iter().enumerate() {
             let prefix = normalize_prefix(&rc.prefix).map_err(|e| invalid(i, "prefix", e))?;
@@ -252,14 +230,14 @@ impl Gateway {
             let service = match mode {
                 Mode::Bare => RouteService::Bare(Forward::new(rc.http2, via.clone())),
                 Mode::Full => {
-                    let layer = build_layer(&rc.stack, map_faults.clone())
-                        .map_err(|e| invalid(i, "stack", e))?;
-                    if rc.force_open {
-                        let handle = layer.breaker_handle().ok_or_else(|| {
-                            invalid(i, "force_open", "the route's stack has no breaker")
-                        })?;
-                        handle.force_open();
-                    }
+                    let mut stack = rc.stack.clone();
+                    stack
+                        .map_faults
+                        .gateway_name
+                        .get_or_insert_with(|| config.name.clone());
+                    let layer = stack
+                        .build()
+                        .map_err(|e| e.in_field(format!("routes[{i}].stack")))?;
                     let service = layer.layer(Forward::new(rc.http2, via.clone()));
                     RouteService::Full(Stacked { service, layer })
                 }
@@ -416,24 +394,6 @@ impl Route {
             "retry_budget": budget,
         })
     }
-}
-
-/// A route's stack from its configuration, answering faults as `map_faults` does.
-fn build_layer(stack: &StackConfig, map_faults: MapFaultsLayer) -> Result<UpstreamLayer, BoxError> {
-    let mut b = Upstream::builder().map_faults(map_faults);
-    if let Some(ms) = stack.deadline_ms {
-        b = b.deadline(Duration::from_millis(ms));
-    }
-    if let Some(ms) = stack.attempt_timeout_ms {
-        b = b.attempt_timeout(Duration::from_millis(ms));
-    }
-    if let Some(max) = stack.concurrency_limit {
-        b = b.concurrency_limit(max);
-    }
-    if stack.retry == Some(false) {
-        b = b.no_retry();
-    }
-    Ok(b.build()?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -875,7 +835,7 @@ async fn main() -> ExitCode {
     let (gateway, config) = match built {
         Ok(built) => built,
         Err(e) => {
-            eprintln!("gateway: {e}");
+            eprintln!("gateway: {}: {e}", args.config.display());
             return ExitCode::FAILURE;
         }
     };
