@@ -515,3 +515,44 @@ fn the_example_configuration_is_valid() {
         assert!(gw.routes().count() >= 2);
     }
 }
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish_then_serve_returns() {
+    let slow = raw_upstream(|mut s| async move {
+        read_head(&mut s).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = s.write_all(OK).await;
+        let _ = s.shutdown().await;
+    })
+    .await;
+    let config = Config::from_toml(&format!(
+        "[[routes]]\nprefix = \"/\"\nupstream = \"http://{slow}\"\n"
+    ))
+    .unwrap();
+    let gw = Gateway::new(&config, Mode::Full).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(gateway::serve(listener, gw, async {
+        let _ = stopped.await;
+    }));
+
+    let in_flight = tokio::spawn(status_of(format!("http://{addr}/slow")));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.send(()).unwrap();
+    assert_eq!(in_flight.await.unwrap(), StatusCode::OK);
+    // Well before the 10 s cap: nothing kept the server waiting.
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("serve returns once its connections are done")
+        .unwrap();
+    // The listener is closed.
+    let refused = client()
+        .request(
+            Request::get(format!("http://{addr}/"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert!(refused.is_err());
+}

@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# End to end (issue #6): examples/gateway with the full stack versus the same gateway with no
+# layers (--bare), on loopback, under a load generator, in the same run.
+#
+#   benches/gateway-load.sh                    # 3 rounds of 10 s per gateway, 32 connections
+#   ROUNDS=5 DURATION=20 CONNECTIONS=64 benches/gateway-load.sh
+#   STACK='retry.enabled = false' benches/gateway-load.sh   # another [routes.stack] (TOML)
+#
+# Targets: the full stack's throughput >= 95 % of the bare gateway's, its p99 latency
+# <= 1.1x the bare gateway's. Exits 0 when both are met, 1 when one is missed, 2 when the
+# run itself went wrong (no load generator, a process did not start, errors in the load).
+#
+# It builds the examples in release mode, starts examples/hello_upstream (a fast 200), a
+# full-stack gateway and a bare gateway, all on 127.0.0.1 (nothing else is contacted), and
+# runs the load generator against each in turn: the order alternates every round (full,
+# bare, bare, full, …) so that drift on a busy machine hits both alike. Throughput is the
+# mean over the rounds; p99 the median of the rounds' p99s.
+#
+# Load generator: wrk (`apt-get install wrk`) if present, else oha (`cargo install oha`).
+# The generator, the gateway and the upstream share the machine's cores: read the ratios,
+# not the absolute numbers, and run it on a quiet machine. Not part of CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+CONNECTIONS=${CONNECTIONS:-32}
+THREADS=${THREADS:-2}
+WARMUP=${WARMUP:-2}
+PATH_QUERY=/api/hello?from=load
+# The whole stack: the defaults (30 s deadline, 3 attempts within a retry budget, a circuit
+# breaker, 10 s per attempt) and a concurrency limit well above the load's.
+STACK=${STACK:-concurrency_limit = 4096}
+
+if command -v wrk >/dev/null; then
+    TOOL=wrk
+elif command -v oha >/dev/null; then
+    TOOL=oha
+else
+    echo "no load generator: install wrk (apt-get install wrk) or oha (cargo install oha)" >&2
+    exit 2
+fi
+
+echo "== building examples (release)"
+cargo build --release --quiet --example gateway --example hello_upstream
+BIN=target/release/examples
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# start NAME COMMAND…: runs it in the background, waits for "listening on http://ADDR" and
+# sets ADDR.
+start() {
+    local name=$1
+    shift
+    : >"$WORK/$name.out"
+    "$@" >>"$WORK/$name.out" 2>"$WORK/$name.err" &
+    PIDS+=($!)
+    ADDR=
+    for _ in $(seq 100); do
+        ADDR=$(sed -n 's|^listening on http://||p' "$WORK/$name.out")
+        [ -n "$ADDR" ] && return 0
+        sleep 0.1
+    done
+    echo "$name did not start:" >&2
+    cat "$WORK/$name.err" >&2
+    exit 2
+}
+
+export RUST_LOG=warn
+start upstream "$BIN/hello_upstream" --listen 127.0.0.1:0
+UPSTREAM=$ADDR
+cat >"$WORK/gateway.toml" <<EOF
+name = "load-gw"
+[[routes]]
+prefix = "/api"
+upstream = "http://$UPSTREAM"
+[routes.stack]
+$STACK
+EOF
+start full "$BIN/gateway" --config "$WORK/gateway.toml" --listen 127.0.0.1:0
+FULL=$ADDR
+FULL_PID=${PIDS[-1]}
+start bare "$BIN/gateway" --config "$WORK/gateway.toml" --listen 127.0.0.1:0 --bare
+BARE=$ADDR
+BARE_PID=${PIDS[-1]}
+echo "upstream $UPSTREAM, full-stack gateway $FULL, bare gateway $BARE; stack: $STACK"
+echo "$TOOL: $CONNECTIONS connections, ${DURATION} s per run, $ROUNDS rounds; $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# load ADDR SECONDS: prints "REQUESTS_PER_SECOND P99_MICROSECONDS ERRORS".
+load() {
+    local url="http://$1$PATH_QUERY" secs=$2 out="$WORK/load.out"
+    case $TOOL in
+    wrk)
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency "$url" >"$out"
+        awk '
+            function us(v) {
+                if (v ~ /us$/) return v + 0
+                if (v ~ /ms$/) return v * 1000
+                if (v ~ /s$/) return v * 1000000
+                return v + 0
+            }
+            $1 == "99%" { p99 = us($2) }
+            /^Requests\/sec:/ { rps = $2 }
+            /Non-2xx or 3xx responses:/ { errors += $NF }
+            /Socket errors:/ { gsub(",", ""); errors += $4 + $6 + $8 + $10 }
+            END { printf "%.0f %.0f %d\n", rps, p99, errors }
+        ' "$out"
+        ;;
+    oha)
+        local format=--json
+        oha --help | grep -q -- --output-format && format="--output-format json"
+        # shellcheck disable=SC2086
+        oha -z "${secs}s" -c "$CONNECTIONS" --no-tui $format "$url" >"$out"
+        python3 - "$out" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+codes = d.get("statusCodeDistribution", {})
+errors = sum(n for c, n in codes.items() if c != "200") + sum(d.get("errorDistribution", {}).values())
+print("%.0f %.0f %d" % (d["summary"]["requestsPerSec"], d["latencyPercentiles"]["p99"] * 1e6, errors))
+EOF
+        ;;
+    esac
+}
+
+# cpu_ticks PID: the CPU time (user + system) the process used so far, in clock ticks.
+cpu_ticks() {
+    sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+}
+TICK=$(getconf CLK_TCK)
+
+for addr in "$FULL" "$BARE"; do
+    errors=$(load "$addr" 1 | cut -d' ' -f3)
+    if [ "$errors" != 0 ]; then
+        echo "errors from $addr before the run; is the upstream up?" >&2
+        exit 2
+    fi
+done
+echo "== warm-up"
+load "$FULL" "$WARMUP" >/dev/null
+load "$BARE" "$WARMUP" >/dev/null
+
+# The gateway's own CPU time per request is the steadiest figure on a busy machine: other
+# processes slow every request down, but they do not add to the gateway's CPU time.
+printf '%-6s %-5s %12s %10s %16s\n' round stack "req/s" "p99 (us)" "gw CPU us/req"
+: >"$WORK/full.txt"
+: >"$WORK/bare.txt"
+for round in $(seq "$ROUNDS"); do
+    if [ $((round % 2)) = 1 ]; then order="full bare"; else order="bare full"; fi
+    for which in $order; do
+        if [ "$which" = full ]; then addr=$FULL pid=$FULL_PID; else addr=$BARE pid=$BARE_PID; fi
+        before=$(cpu_ticks "$pid")
+        read -r rps p99 errors < <(load "$addr" "$DURATION")
+        after=$(cpu_ticks "$pid")
+        cpu=$(awk -v t=$((after - before)) -v hz="$TICK" -v r="$rps" -v d="$DURATION" \
+            'BEGIN { printf "%.2f", t * 1000000 / hz / (r * d) }')
+        printf '%-6s %-5s %12s %10s %16s\n' "$round" "$which" "$rps" "$p99" "$cpu"
+        if [ "$errors" != 0 ]; then
+            echo "$which: $errors errors or non-2xx answers: the run is not valid" >&2
+            exit 2
+        fi
+        echo "$rps $p99 $cpu" >>"$WORK/$which.txt"
+    done
+done
+
+summary() { # FILE: mean throughput, median p99, mean CPU per request
+    local rps med cpu
+    rps=$(awk '{ s += $1 } END { printf "%.0f", s / NR }' "$1")
+    med=$(cut -d' ' -f2 "$1" | sort -n | awk '{ p[NR] = $1 } END {
+        printf "%.0f", (NR % 2) ? p[(NR + 1) / 2] : (p[NR / 2] + p[NR / 2 + 1]) / 2
+    }')
+    cpu=$(awk '{ s += $3 } END { printf "%.2f", s / NR }' "$1")
+    echo "$rps $med $cpu"
+}
+read -r full_rps full_p99 full_cpu < <(summary "$WORK/full.txt")
+read -r bare_rps bare_p99 bare_cpu < <(summary "$WORK/bare.txt")
+
+awk -v fr="$full_rps" -v fp="$full_p99" -v fc="$full_cpu" \
+    -v br="$bare_rps" -v bp="$bare_p99" -v bc="$bare_cpu" 'BEGIN {
+    tput = fr / br
+    p99 = fp / bp
+    printf "\nbare gateway:  %8d req/s  p99 %6d us  %6.2f CPU us/req\n", br, bp, bc
+    printf "full stack:    %8d req/s  p99 %6d us  %6.2f CPU us/req\n", fr, fp, fc
+    printf "throughput: %.3f of bare (target >= 0.95): %s\n", tput, (tput >= 0.95 ? "met" : "MISSED")
+    printf "p99:        %.3fx bare   (target <= 1.10): %s\n", p99, (p99 <= 1.10 ? "met" : "MISSED")
+    printf "gateway CPU per request: %.3fx bare (+%.2f us)\n", fc / bc, fc - bc
+    exit (tput >= 0.95 && p99 <= 1.10) ? 0 : 1
+}'
