@@ -668,6 +668,11 @@ fn invalid_settings_name_their_path_and_value() {
             "breaker.failure_statuses[1]",
             "not an HTTP status code (got 42)",
         ),
+        (
+            "breaker.grpc_failure_codes = [\"UNAVAILABLE\", 0]",
+            "breaker.grpc_failure_codes[1]",
+            "(got \"OK\")",
+        ),
         ("breaker.max_keys = 0", "breaker.max_keys", "(got 0)"),
         (
             "breaker.key = { header = \"x y\" }",
