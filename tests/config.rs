@@ -668,6 +668,11 @@ fn invalid_settings_name_their_path_and_value() {
             "breaker.failure_statuses[1]",
             "not an HTTP status code (got 42)",
         ),
+        (
+            "breaker.grpc_failure_codes = [\"UNAVAILABLE\", 0]",
+            "breaker.grpc_failure_codes[1]",
+            "(got \"OK\")",
+        ),
         ("breaker.max_keys = 0", "breaker.max_keys", "(got 0)"),
         (
             "breaker.key = { header = \"x y\" }",
@@ -768,4 +773,53 @@ fn routes_in_a_list_name_the_route() {
         "{}",
         err.path()
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn to_builder_keeps_the_file_and_takes_a_layer_from_code() {
+    let config = parse(
+        r#"
+        retry = { max_attempts = 1, budget = { ratio = 0.5 } }
+        map_faults.gateway_name = "edge"
+        "#,
+    );
+    let opened = Arc::new(AtomicUsize::new(0));
+    let breaker = {
+        let opened = opened.clone();
+        tower_upstream::CircuitBreakerLayer::builder()
+            .consecutive_failures(1)
+            .on_transition(move |t| {
+                if t.to() == State::Open {
+                    opened.fetch_add(1, SeqCst);
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    let layer = config
+        .to_builder()
+        .unwrap()
+        .breaker(breaker)
+        .build()
+        .unwrap();
+    assert_eq!(layer.retry_budget().unwrap().ratio(), 0.5);
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let failing = counting(&calls, || async {
+        let mut res = Response::new(Full::new(Bytes::new()));
+        *res.status_mut() = StatusCode::BAD_GATEWAY;
+        res
+    });
+    let mut svc = layer.layer(failing);
+    let res = svc.ready().await.unwrap().call(get("/")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(calls.load(SeqCst), 1, "one attempt, as the file says");
+    assert_eq!(opened.load(SeqCst), 1, "the breaker from code opened");
+    let res = svc.ready().await.unwrap().call(get("/")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        res.headers()["proxy-status"],
+        "edge; error=destination_unavailable"
+    );
+    assert_eq!(calls.load(SeqCst), 1);
 }

@@ -141,6 +141,31 @@ impl UpstreamConfig {
         self.builder(None)?.build()
     }
 
+    /// The [`UpstreamBuilder`] this configuration stands for, its layers checked and made,
+    /// for code to change what a file cannot say: replace a part with a layer of your own
+    /// (a breaker with a [`key_fn`](crate::breaker::Builder::key_fn) or a listener, a retry
+    /// with another policy) and keep the rest of the file.
+    ///
+    /// The layers are made here, with the built-in classifier: a
+    /// [`classifier`](UpstreamBuilder::classifier) set on the builder afterwards reaches
+    /// none of them; use [`build_with_classifier`](Self::build_with_classifier) instead.
+    ///
+    /// ```
+    /// use tower_upstream::config::UpstreamConfig;
+    /// use tower_upstream::CircuitBreakerLayer;
+    ///
+    /// let config: UpstreamConfig = toml::from_str("deadline.timeout = \"5s\"")?;
+    /// let breaker = CircuitBreakerLayer::builder()
+    ///     .on_transition(|t| eprintln!("{t:?}"))
+    ///     .build()?;
+    /// let layer = config.to_builder()?.breaker(breaker).build()?;
+    /// # drop(layer);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn to_builder(&self) -> Result<UpstreamBuilder, ConfigError> {
+        self.builder(None)
+    }
+
     /// [`build`](Self::build), with a classifier of your own (rules for your errors) for
     /// the fault mapper, the retry and the breaker.
     pub fn build_with_classifier(

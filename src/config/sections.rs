@@ -303,13 +303,7 @@ impl RetryConfig {
         }
         let mut policy = DefaultPolicy::new();
         if let Some(codes) = &self.grpc_codes {
-            if let Some(i) = codes.iter().position(|c| *c == Code::Ok) {
-                return Err(ConfigError::new(
-                    format!("retry.grpc_codes[{i}]"),
-                    "OK is not a failure (got \"OK\")",
-                ));
-            }
-            policy = policy.grpc_codes(codes.iter().copied());
+            policy = policy.grpc_codes(failure_codes("retry.grpc_codes", codes)?);
         }
         if let Some(all) = self.retry_all_grpc_calls {
             policy = policy.retry_all_grpc_calls(all);
@@ -512,7 +506,7 @@ impl BreakerConfig {
             b = b.failure_statuses(statuses);
         }
         if let Some(codes) = &self.grpc_failure_codes {
-            b = b.grpc_failure_codes(codes.iter().copied());
+            b = b.grpc_failure_codes(failure_codes("breaker.grpc_failure_codes", codes)?);
         }
         match &self.key {
             None | Some(BreakerKey::Authority) => {}
@@ -574,6 +568,17 @@ impl AttemptTimeoutConfig {
             AttemptTimeoutLayer::builder().timeout(self.timeout.unwrap_or(DEFAULT_ATTEMPT_TIMEOUT));
         b = set(b, self.propagate, AttemptTimeoutBuilder::propagate);
         b.build().map(Some)
+    }
+}
+
+/// gRPC codes that name failures: `OK` among them is a mistake, not a wish.
+fn failure_codes(field: &str, codes: &[Code]) -> Result<Vec<Code>, ConfigError> {
+    match codes.iter().position(|c| *c == Code::Ok) {
+        Some(i) => Err(ConfigError::new(
+            format!("{field}[{i}]"),
+            "OK is not a failure (got \"OK\")",
+        )),
+        None => Ok(codes.to_vec()),
     }
 }
 
