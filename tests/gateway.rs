@@ -69,10 +69,17 @@ async fn send(req: Request<Body>) -> http::Response<Incoming> {
         .expect("the gateway answers")
 }
 
+async fn fetch(uri: String) -> http::Response<Incoming> {
+    send(Request::get(uri).body(empty()).unwrap()).await
+}
+
 async fn status_of(uri: String) -> StatusCode {
-    send(Request::get(uri).body(empty()).unwrap())
-        .await
-        .status()
+    fetch(uri).await.status()
+}
+
+/// A configuration with one route, `/` to `upstream`, for a gateway named `test-gw`.
+fn one_route(upstream: SocketAddr) -> String {
+    format!("name = \"test-gw\"\n[[routes]]\nprefix = \"/\"\nupstream = \"http://{upstream}\"\n")
 }
 
 /// The request line of a recorded head.
@@ -143,12 +150,7 @@ async fn no_route_is_404_from_the_gateway() {
         "[[routes]]\nprefix = \"/api\"\nupstream = \"http://{api}\"\n"
     ))
     .await;
-    let res = send(
-        Request::get(format!("http://{gw}/other"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
+    let res = fetch(format!("http://{gw}/other")).await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
     assert!(
         !res.headers().contains_key(header::VIA),
@@ -169,10 +171,7 @@ async fn hop_by_hop_headers_removed_both_ways_via_and_forwarded_added() {
           content-length: 2\r\n\r\nok",
     )
     .await;
-    let gw = start(&format!(
-        "name = \"test-gw\"\n[[routes]]\nprefix = \"/\"\nupstream = \"http://{up}\"\n"
-    ))
-    .await;
+    let gw = start(&one_route(up)).await;
 
     let req = Request::get(format!("http://{gw}/x"))
         .header(header::CONNECTION, "x-hop, X-Other-Hop")
@@ -231,16 +230,8 @@ async fn hop_by_hop_headers_removed_both_ways_via_and_forwarded_added() {
 #[tokio::test]
 async fn refused_upstream_answers_502() {
     let dead = closed_port().await;
-    let gw = start(&format!(
-        "name = \"test-gw\"\n[[routes]]\nprefix = \"/\"\nupstream = \"http://{dead}\"\n"
-    ))
-    .await;
-    let res = send(
-        Request::get(format!("http://{gw}/x"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
+    let gw = start(&one_route(dead)).await;
+    let res = fetch(format!("http://{gw}/x")).await;
     assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(
         res.headers()["proxy-status"],
@@ -251,17 +242,8 @@ async fn refused_upstream_answers_502() {
 #[tokio::test]
 async fn bare_gateway_answers_502_without_proxy_status() {
     let dead = closed_port().await;
-    let gw = start_mode(
-        &format!("[[routes]]\nprefix = \"/\"\nupstream = \"http://{dead}\"\n"),
-        Mode::Bare,
-    )
-    .await;
-    let res = send(
-        Request::get(format!("http://{gw}/x"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
+    let gw = start_mode(&one_route(dead), Mode::Bare).await;
+    let res = fetch(format!("http://{gw}/x")).await;
     assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
     assert!(!res.headers().contains_key("proxy-status"));
 }
@@ -285,12 +267,7 @@ async fn hung_upstream_answers_504_within_the_deadline() {
     ))
     .await;
     let started = tokio::time::Instant::now();
-    let res = send(
-        Request::get(format!("http://{gw}/slow/x"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
+    let res = fetch(format!("http://{gw}/slow/x")).await;
     assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
     assert!(res.headers()["proxy-status"]
         .to_str()
@@ -331,12 +308,7 @@ async fn forced_open_route_answers_503_with_retry_after_without_calling_upstream
     ))
     .await;
     for _ in 0..3 {
-        let res = send(
-            Request::get(format!("http://{gw}/down/x"))
-                .body(empty())
-                .unwrap(),
-        )
-        .await;
+        let res = fetch(format!("http://{gw}/down/x")).await;
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         let retry_after: u64 = res.headers()[header::RETRY_AFTER]
             .to_str()
@@ -423,12 +395,7 @@ async fn status_json_shows_every_route_breakers_and_budget() {
     .await;
     assert_eq!(status_of(format!("http://{gw}/a/x")).await, StatusCode::OK);
 
-    let res = send(
-        Request::get(format!("http://{gw}{STATUS_PATH}"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
+    let res = fetch(format!("http://{gw}{STATUS_PATH}")).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
     let body = res.into_body().collect().await.unwrap().to_bytes();
@@ -525,10 +492,7 @@ async fn shutdown_lets_requests_in_flight_finish_then_serve_returns() {
         let _ = s.shutdown().await;
     })
     .await;
-    let config = Config::from_toml(&format!(
-        "[[routes]]\nprefix = \"/\"\nupstream = \"http://{slow}\"\n"
-    ))
-    .unwrap();
+    let config = Config::from_toml(&one_route(slow)).unwrap();
     let gw = Gateway::new(&config, Mode::Full).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
