@@ -289,7 +289,8 @@ impl Gateway {
                 Ok(res) => res.map(|b| Either::Left(Either::Left(b))),
                 Err(never) => match never {},
             },
-            RouteService::Bare(forward) => match forward.clone().oneshot(req).await {
+            // What a proxy without tower-upstream does: call the client.
+            RouteService::Bare(forward) => match forward.send(req).await {
                 Ok(res) => res.map(|b| Either::Left(Either::Right(b))),
                 Err(_) => text_response(StatusCode::BAD_GATEWAY, "bad gateway\n"),
             },
@@ -620,6 +621,12 @@ fn is_tchar(b: u8) -> bool {
 /// Sends a prepared request to its upstream with a hyper-util client, and makes the answer
 /// fit for the client: hop-by-hop headers out, `Via` in.
 pub struct Forward<B> {
+    // One reference to count per clone (the stack clones its service for each request),
+    // not one per part of the client.
+    inner: Arc<ForwardInner<B>>,
+}
+
+struct ForwardInner<B> {
     client: Client<HttpConnector, B>,
     via: Arc<Via>,
 }
@@ -627,8 +634,7 @@ pub struct Forward<B> {
 impl<B> Clone for Forward<B> {
     fn clone(&self) -> Self {
         Forward {
-            client: self.client.clone(),
-            via: self.via.clone(),
+            inner: self.inner.clone(),
         }
     }
 }
@@ -641,8 +647,9 @@ impl<B> fmt::Debug for Forward<B> {
 
 impl<B> Forward<B>
 where
-    B: HttpBody + Send + 'static,
+    B: HttpBody + Send + Unpin + 'static,
     B::Data: Send,
+    B::Error: Into<BoxError>,
 {
     fn new(http2: bool, via: Arc<Via>) -> Self {
         let mut connector = HttpConnector::new();
@@ -653,7 +660,17 @@ where
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        Forward { client, via }
+        Forward {
+            inner: Arc::new(ForwardInner { client, via }),
+        }
+    }
+
+    /// Sends `req`; what the bare gateway calls directly, and the stack through `Service`.
+    fn send(&self, req: Request<B>) -> ForwardFuture {
+        ForwardFuture {
+            inner: self.inner.client.request(req),
+            via: self.inner.via.clone(),
+        }
     }
 }
 
@@ -672,10 +689,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> ForwardFuture {
-        ForwardFuture {
-            inner: self.client.request(req),
-            via: self.via.clone(),
-        }
+        self.send(req)
     }
 }
 
