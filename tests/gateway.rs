@@ -520,3 +520,24 @@ async fn shutdown_lets_requests_in_flight_finish_then_serve_returns() {
         .await;
     assert!(refused.is_err());
 }
+
+#[tokio::test]
+async fn request_bodies_are_forwarded_by_both_gateways() {
+    let echo = serve(tower::service_fn(|req: Request<Incoming>| async move {
+        let method = req.method().clone();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let answer = format!("{method} {}", String::from_utf8_lossy(&body));
+        Ok::<_, std::convert::Infallible>(http::Response::new(full(answer)))
+    }))
+    .await;
+    for mode in [Mode::Full, Mode::Bare] {
+        let gw = start_mode(&one_route(echo), mode).await;
+        let req = Request::post(format!("http://{gw}/echo"))
+            .body(full("a request body"))
+            .unwrap();
+        let res = send(req).await;
+        assert_eq!(res.status(), StatusCode::OK, "{mode:?}");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"POST a request body", "{mode:?}");
+    }
+}
