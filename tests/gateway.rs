@@ -541,3 +541,62 @@ async fn request_bodies_are_forwarded_by_both_gateways() {
         assert_eq!(&body[..], b"POST a request body", "{mode:?}");
     }
 }
+
+#[tokio::test]
+async fn grpc_over_h2c_keeps_te_trailers_and_trailers_and_faults_are_grpc_statuses() {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    // A gRPC-ish upstream: checks `te: trailers`, answers a message and `grpc-status: 0`
+    // in the trailers.
+    let upstream = serve(tower::service_fn(|req: Request<Incoming>| async move {
+        let te = req.headers().get(header::TE).cloned();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let frames = vec![
+            Ok::<_, std::convert::Infallible>(Frame::data(bytes::Bytes::from(format!(
+                "te={te:?}"
+            )))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let res = http::Response::builder()
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .body(StreamBody::new(futures_util::stream::iter(frames)))
+            .unwrap();
+        Ok::<_, std::convert::Infallible>(res)
+    }))
+    .await;
+    let dead = closed_port().await;
+    let gw = start(&format!(
+        r#"
+        [[routes]]
+        prefix = "/grpc"
+        upstream = "http://{upstream}"
+        http2 = true
+        [[routes]]
+        prefix = "/dead"
+        upstream = "http://{dead}"
+        http2 = true
+        "#
+    ))
+    .await;
+    let call = |path: &str| {
+        let req = Request::post(format!("http://{gw}{path}/pkg.Svc/Method"))
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header(header::TE, "trailers")
+            .body(full(&b"\0\0\0\0\0"[..]))
+            .unwrap();
+        tokio::time::timeout(REAL_TIMEOUT, h2_client().request(req))
+    };
+
+    let res = call("/grpc").await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.unwrap();
+    assert_eq!(body.trailers().unwrap()["grpc-status"], "0");
+    assert_eq!(&body.to_bytes()[..], b"te=Some(\"trailers\")");
+
+    // A refused gRPC upstream: a trailers-only UNAVAILABLE, not an HTTP 502.
+    let res = call("/dead").await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["grpc-status"], "14");
+}
