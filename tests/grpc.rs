@@ -275,34 +275,6 @@ async fn layers_on_a_tonic_server() {
 // An outbound tonic Channel wrapped in the layers
 // ---------------------------------------------------------------------------------------
 
-/// An upstream that answers `UNAVAILABLE` to its first `failures` calls, then OK; it records
-/// each call's `grpc-previous-rpc-attempts`.
-async fn recovering_upstream(failures: u32) -> (SocketAddr, Arc<Mutex<Vec<Option<String>>>>) {
-    let calls = Arc::new(AtomicU32::new(0));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = seen.clone();
-    let greeter = Greeter::new(move |req: tonic::Request<grpc::HelloRequest>| {
-        let n = calls.fetch_add(1, Ordering::Relaxed);
-        let previous = req
-            .metadata()
-            .get("grpc-previous-rpc-attempts")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        record.lock().unwrap().push(previous);
-        let name = req.into_inner().name;
-        async move {
-            if n < failures {
-                Err(tonic::Status::unavailable("warming up"))
-            } else {
-                Ok(tonic::Response::new(HelloReply {
-                    message: format!("hello, {name}"),
-                }))
-            }
-        }
-    });
-    (grpc::serve_greeter(greeter).await, seen)
-}
-
 /// A `Channel` with retries and a timeout per attempt, as an outbound client. No `MapFaults`:
 /// the caller of an outbound client wants the call's own `Status` (which tonic makes from the
 /// error), not an answer made up for a downstream client.
@@ -330,7 +302,7 @@ fn tonic_body(req: ReplayRequest) -> TonicRequest {
 
 #[tokio::test]
 async fn channel_retries_an_idempotent_call_until_it_succeeds() {
-    let (upstream, seen) = recovering_upstream(2).await;
+    let (upstream, seen) = grpc::recovering_greeter(2).await;
     let retry = RetryLayer::builder().max_attempts(3).build().unwrap();
     let svc = retrying_channel(upstream, retry.clone());
 
@@ -351,7 +323,7 @@ async fn channel_retries_an_idempotent_call_until_it_succeeds() {
 
 #[tokio::test]
 async fn channel_does_not_retry_an_unmarked_call() {
-    let (upstream, seen) = recovering_upstream(2).await;
+    let (upstream, seen) = grpc::recovering_greeter(2).await;
     let svc = retrying_channel(
         upstream,
         RetryLayer::builder().max_attempts(3).build().unwrap(),
@@ -372,7 +344,7 @@ async fn channel_does_not_retry_an_unmarked_call() {
 
 #[tokio::test]
 async fn channel_with_retry_all_grpc_calls_retries_unmarked_calls() {
-    let (upstream, seen) = recovering_upstream(1).await;
+    let (upstream, seen) = grpc::recovering_greeter(1).await;
     let retry = RetryLayer::builder()
         .policy(tower_upstream::retry::DefaultPolicy::new().retry_all_grpc_calls(true))
         .max_attempts(3)
