@@ -65,14 +65,9 @@ async fn gateway_forwards_a_call_to_a_healthy_upstream() {
     let upstream = grpc::serve_greeter(Greeter::hello()).await;
     let gw = grpc_gateway(upstream, Duration::from_secs(5), Duration::from_secs(5)).await;
 
-    let rsp = within(say_hello(
-        grpc::channel(gw),
-        grpc::origin(gw),
-        hello_request("gateway"),
-    ))
-    .await
-    .unwrap()
-    .unwrap();
+    let rsp = grpc::say_hello_at(gw, hello_request("gateway"))
+        .await
+        .unwrap();
     assert_eq!(rsp.get_ref().message, "hello, gateway");
 }
 
@@ -81,14 +76,9 @@ async fn upstream_down_is_unavailable_with_the_gateways_message() {
     let upstream = support::closed_port().await;
     let gw = grpc_gateway(upstream, Duration::from_secs(5), Duration::from_secs(5)).await;
 
-    let status = within(say_hello(
-        grpc::channel(gw),
-        grpc::origin(gw),
-        hello_request("nobody"),
-    ))
-    .await
-    .unwrap()
-    .unwrap_err();
+    let status = grpc::say_hello_at(gw, hello_request("nobody"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(status.message(), "upstream refused the connection");
     assert_eq!(
@@ -201,14 +191,9 @@ async fn upstream_status_passes_through_unchanged() {
     .await;
     let gw = grpc_gateway(upstream, Duration::from_secs(5), Duration::from_secs(5)).await;
 
-    let status = within(say_hello(
-        grpc::channel(gw),
-        grpc::origin(gw),
-        hello_request("x"),
-    ))
-    .await
-    .unwrap()
-    .unwrap_err();
+    let status = grpc::say_hello_at(gw, hello_request("x"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(status.message(), "orders database is down");
     assert_eq!(
@@ -251,14 +236,9 @@ async fn layers_on_a_tonic_server() {
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
 
-    let status = within(say_hello(
-        grpc::channel(addr),
-        grpc::origin(addr),
-        hello_request("slow"),
-    ))
-    .await
-    .unwrap()
-    .unwrap_err();
+    let status = grpc::say_hello_at(addr, hello_request("slow"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert_eq!(status.message(), "upstream did not answer in time");
     let left = seen

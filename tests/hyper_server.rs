@@ -5,11 +5,16 @@
 
 mod support;
 
+#[path = "support/answers.rs"]
+mod answers;
+
+#[path = "support/upstreams.rs"]
+mod upstreams;
+
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -17,7 +22,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tower::{service_fn, BoxError, ServiceBuilder};
 use tower_upstream::breaker::CircuitBreakerLayer;
@@ -85,52 +89,24 @@ async fn upstreams() -> (SocketAddr, SocketAddr, SocketAddr) {
         support::replying(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
             .await;
     let refused = support::closed_port().await;
-    let hung = support::raw_upstream(|mut s| async move {
-        support::read_head(&mut s).await;
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        let _ = s.shutdown().await;
-    })
-    .await;
+    let (hung, _requests) = upstreams::hanging_upstream().await;
     (ok, refused, hung)
-}
-
-async fn send(client: &support::TestClient, uri: String) -> (StatusCode, String, Bytes) {
-    let req = Request::get(uri).body(support::empty()).unwrap();
-    let rsp = tokio::time::timeout(support::REAL_TIMEOUT, client.request(req))
-        .await
-        .expect("an answer in time")
-        .expect("the server answered");
-    let status = rsp.status();
-    let proxy_status = rsp
-        .headers()
-        .get("proxy-status")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let body = rsp.into_body().collect().await.unwrap().to_bytes();
-    (status, proxy_status, body)
 }
 
 /// Checks the three answers through the server at `server`.
 async fn check_answers(client: support::TestClient, server: SocketAddr) {
-    let (status, ps, body) = send(&client, format!("http://{server}/ok")).await;
+    let ok = answers::get(&client, format!("http://{server}/ok")).await;
     assert_eq!(
-        (status, ps.as_str(), &body[..]),
-        (StatusCode::OK, "", &b"ok"[..])
+        (ok.status, ok.proxy_status.as_str(), ok.body.as_str()),
+        (StatusCode::OK, "", "ok")
     );
 
-    let (status, ps, _) = send(&client, format!("http://{server}/refused")).await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY);
-    assert_eq!(ps, "edge; error=connection_refused");
+    let refused = answers::get(&client, format!("http://{server}/refused")).await;
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(refused.proxy_status, "edge; error=connection_refused");
 
-    let started = tokio::time::Instant::now();
-    let (status, ps, _) = send(&client, format!("http://{server}/hung")).await;
-    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(ps, "edge; error=http_response_timeout");
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "the deadline bounds the attempts: {:?}",
-        started.elapsed()
-    );
+    let hung = format!("http://{server}/hung");
+    answers::expect_timely_504(&client, hung, "edge", Duration::from_secs(3)).await;
 }
 
 #[tokio::test]

@@ -5,6 +5,12 @@
 
 mod support;
 
+#[path = "support/answers.rs"]
+mod answers;
+
+#[path = "support/upstreams.rs"]
+mod upstreams;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -99,22 +105,8 @@ async fn serve_app(out: Outbound) -> SocketAddr {
 }
 
 async fn fetch(uri: String) -> (StatusCode, String, String) {
-    let rsp = tokio::time::timeout(support::REAL_TIMEOUT, support::get(uri))
-        .await
-        .expect("an answer in time")
-        .expect("the app answered");
-    let status = rsp.status();
-    let proxy_status = rsp
-        .headers()
-        .get("proxy-status")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let body = rsp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        proxy_status,
-        String::from_utf8_lossy(&body).into_owned(),
-    )
+    let answer = answers::get(&support::client(), uri).await;
+    (answer.status, answer.proxy_status, answer.body)
 }
 
 /// An API that answers 503 to its first `failures` calls, then `42`; counts its calls.
@@ -188,23 +180,11 @@ async fn refused_api_reaches_the_caller_as_the_stacks_502() {
 
 #[tokio::test]
 async fn hung_api_reaches_the_caller_as_the_stacks_504_within_the_deadline() {
-    let api = support::raw_upstream(|mut s| async move {
-        support::read_head(&mut s).await;
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        drop(s);
-    })
-    .await;
+    let (api, _requests) = upstreams::hanging_upstream().await;
     let app = serve_app(outbound(&stack(), api)).await;
 
-    let started = tokio::time::Instant::now();
-    let (status, proxy_status, _) = fetch(format!("http://{app}/pass")).await;
-    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(proxy_status, "app; error=http_response_timeout");
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
-    );
+    let uri = format!("http://{app}/pass");
+    answers::expect_timely_504(&support::client(), uri, "app", Duration::from_secs(3)).await;
 }
 
 #[tokio::test]

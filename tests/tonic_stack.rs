@@ -224,24 +224,14 @@ async fn stack_on_a_tonic_server() {
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
 
-    let rsp = within(say_hello(
-        grpc::channel(addr),
-        grpc::origin(addr),
-        hello_request("quick"),
-    ))
-    .await
-    .unwrap()
-    .unwrap();
+    let rsp = grpc::say_hello_at(addr, hello_request("quick"))
+        .await
+        .unwrap();
     assert_eq!(rsp.get_ref().message, "hello, quick");
 
-    let status = within(say_hello(
-        grpc::channel(addr),
-        grpc::origin(addr),
-        hello_request("slow"),
-    ))
-    .await
-    .unwrap()
-    .unwrap_err();
+    let status = grpc::say_hello_at(addr, hello_request("slow"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert_eq!(status.message(), "upstream did not answer in time");
     let snapshot = layer

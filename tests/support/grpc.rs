@@ -156,6 +156,18 @@ where
     .await
 }
 
+/// Calls `SayHello` on the server at `addr` through a fresh `Channel`; a test failure when
+/// no answer comes within 10 s.
+pub async fn say_hello_at(
+    addr: SocketAddr,
+    req: Request<HelloRequest>,
+) -> Result<Response<HelloReply>, Status> {
+    let call = say_hello(channel(addr), origin(addr), req);
+    tokio::time::timeout(std::time::Duration::from_secs(10), call)
+        .await
+        .expect("an answer within 10 s")
+}
+
 /// A `SayHello` request for `name`.
 pub fn hello_request(name: &str) -> Request<HelloRequest> {
     Request::new(HelloRequest {
