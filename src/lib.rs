@@ -69,15 +69,18 @@
 //!   `CircuitOpen`, answered 503 with `Retry-After`.
 //! - [`grpc`]: gRPC status codes and detection.
 //! - [`upstream`]: the whole stack in one layer, [`Upstream::builder()`].
+//! - [`config`] (feature `serde`): the whole stack from a configuration file.
 //! - [`guide`]: wiring guides, doc-tested: [the order of the layers and why](guide::ordering),
 //!   [axum](guide::axum), [outbound clients](guide::outbound), [tonic](guide::tonic) (server
-//!   and client).
+//!   and client), configuration files (`guide::config`, feature `serde`).
 //!
 //! # Feature flags
 //!
 //! - `hyper` (default): classify `hyper::Error`, `hyper_util::client::legacy::Error` and
 //!   `h2::Error`. An axum application has these crates already.
 //! - `tonic`: classify `tonic::Status` and `tonic::transport::Error`.
+//! - `serde`: [`config::UpstreamConfig`], the whole stack read from TOML, YAML, JSON or any
+//!   format serde reads, with durations like `"250ms"`.
 //! - `rustls`: classify `rustls::Error` (certificate problems as `tls_certificate_error`,
 //!   the rest as `tls_protocol_error`), as hyper-rustls and tokio-rustls report it.
 //!
@@ -86,6 +89,9 @@
 #![forbid(unsafe_code)]
 
 pub mod breaker;
+#[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+pub mod config;
 pub mod deadline;
 mod error;
 pub mod fault;
@@ -101,6 +107,7 @@ pub mod map_faults;
 /// - [`outbound`](guide::outbound): a hyper-util client in the stack, called from a handler.
 /// - [`tonic`](guide::tonic): a gateway in front of gRPC upstreams, a `Channel` in the stack,
 ///   a tonic server.
+/// - `config` (feature `serde`): every setting of a configuration file.
 pub mod guide {
     #[doc = include_str!("docs/ordering.md")]
     pub mod ordering {}
@@ -113,6 +120,11 @@ pub mod guide {
 
     #[doc = include_str!("docs/tonic.md")]
     pub mod tonic {}
+
+    #[cfg(feature = "serde")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+    #[doc = include_str!("docs/config.md")]
+    pub mod config {}
 }
 pub mod retry;
 pub mod timeout;

@@ -1,6 +1,7 @@
 //! The README's code snippets are excerpts of compiled code: every line of every `rust`
-//! block in README.md appears in a doc-tested guide (`src/docs/*.md`), the crate docs or an
-//! example. A snippet edited in the README alone, or code changed under it, fails here.
+//! block in README.md appears in a doc-tested guide (`src/docs/*.md`), the crate's doc
+//! comments or an example. A snippet edited in the README alone, or code changed under it,
+//! fails here.
 
 use std::fs;
 use std::path::Path;
@@ -31,26 +32,37 @@ fn rust_blocks(markdown: &str) -> Vec<Vec<&str>> {
     blocks
 }
 
-fn compiled_sources(root: &Path) -> String {
-    let mut text = fs::read_to_string(root.join("src/lib.rs")).unwrap();
-    for dir in ["src/docs", "examples"] {
-        for entry in fs::read_dir(root.join(dir)).unwrap() {
-            let path = entry.unwrap().path();
-            if matches!(path.extension().and_then(|e| e.to_str()), Some("md" | "rs")) {
-                text.push_str(&fs::read_to_string(path).unwrap());
-                text.push('\n');
-            }
+/// A doc comment's text (`//! …`, `/// …`), or the line itself.
+fn doc_text(line: &str) -> &str {
+    let trimmed = line.trim_start();
+    ["//! ", "/// ", "//!", "///"]
+        .iter()
+        .find_map(|p| trimmed.strip_prefix(p))
+        .unwrap_or(line)
+}
+
+/// The text of the guides, the examples and every source file of the crate.
+fn compiled_sources(dir: &Path, text: &mut String) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            compiled_sources(&path, text);
+        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("md" | "rs")) {
+            text.push_str(&fs::read_to_string(path).unwrap());
+            text.push('\n');
         }
     }
-    text
 }
 
 #[test]
 fn readme_snippets_are_excerpts_of_compiled_code() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let readme = fs::read_to_string(root.join("README.md")).unwrap();
-    let sources = compiled_sources(root);
-    let known: std::collections::HashSet<&str> = sources.lines().map(code).collect();
+    let mut sources = String::new();
+    compiled_sources(&root.join("src"), &mut sources);
+    compiled_sources(&root.join("examples"), &mut sources);
+    let known: std::collections::HashSet<&str> =
+        sources.lines().map(|l| code(doc_text(l))).collect();
 
     let blocks = rust_blocks(&readme);
     assert!(
@@ -79,4 +91,6 @@ fn code_keeps_urls_and_drops_comments() {
     );
     assert_eq!(code("// only a comment"), "");
     assert_eq!(code("# let hidden = 1;"), "let hidden = 1;");
+    assert_eq!(code(doc_text("//! let a = 1; // why")), "let a = 1;");
+    assert_eq!(code(doc_text("    /// x.build()?;")), "x.build()?;");
 }

@@ -362,7 +362,10 @@ impl Builder {
             return Err(err("breaker.min_calls", "must be at least 1 (got 0)"));
         }
         if self.open_base.is_zero() {
-            return Err(err("breaker.open_duration", "must be more than zero"));
+            return Err(err(
+                "breaker.open_duration",
+                format!("must be more than zero (got {:?})", self.open_base),
+            ));
         }
         if self.open_max < self.open_base || self.open_max > MAX_OPEN {
             return Err(err(

@@ -115,11 +115,13 @@ impl DeadlineBuilder {
     pub fn header<K>(mut self, name: K, unit: HeaderUnit) -> Self
     where
         HeaderName: TryFrom<K>,
+        K: fmt::Debug,
     {
+        let shown = format!("{name:?}");
         self.header = Some(
             HeaderName::try_from(name)
                 .map(|name| (name, unit))
-                .map_err(|_| "not a valid header name".to_owned()),
+                .map_err(|_| format!("not a valid header name (got {shown})")),
         );
         self
     }
@@ -188,7 +190,10 @@ mod tests {
             .header("bad header", HeaderUnit::Seconds)
             .build()
             .unwrap_err();
-        assert_eq!(err.field(), "deadline.header");
+        assert_eq!(
+            err.to_string(),
+            "invalid deadline.header: not a valid header name (got \"bad header\")"
+        );
         let err = DeadlineLayer::builder()
             .header("grpc-timeout", HeaderUnit::Seconds)
             .build()
