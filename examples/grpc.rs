@@ -5,9 +5,10 @@
 //!    HTTP/2 to the upstream. A tonic client calls through it: a healthy upstream answers, a
 //!    dead one becomes `UNAVAILABLE`, a hanging one `DEADLINE_EXCEEDED`, an upstream's own
 //!    status passes through.
-//! 2. **An outbound tonic `Channel` with retries.** `Retry → AttemptTimeout → Channel`: a call
-//!    marked `Idempotent` to an upstream that is `UNAVAILABLE` twice succeeds on the third
-//!    attempt; an unmarked call is not retried.
+//! 2. **An outbound tonic `Channel` in the whole stack.** `Upstream::builder()` (deadline,
+//!    retry with its budget, circuit breaker, attempt timeout) around the `Channel`, with
+//!    `IntoTonicBody` between them: a call marked `Idempotent` to an upstream that is
+//!    `UNAVAILABLE` twice succeeds on the third attempt; an unmarked call is not retried.
 //!
 //! ```text
 //! cargo run --example grpc --features tonic
@@ -33,10 +34,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tonic::Code;
-use tower::{service_fn, BoxError, ServiceBuilder};
+use tower::{service_fn, BoxError, Layer, ServiceBuilder};
+use tower_upstream::grpc::IntoTonicBody;
 use tower_upstream::map_faults::MapFaultsLayer;
-use tower_upstream::retry::{Idempotent, ReplayBody};
-use tower_upstream::{AttemptTimeoutLayer, DeadlineLayer, RetryLayer};
+use tower_upstream::retry::Idempotent;
+use tower_upstream::{AttemptTimeoutLayer, DeadlineLayer, Upstream};
 
 use greeter::{hello_request, say_hello, Greeter, HelloReply};
 
@@ -141,7 +143,7 @@ async fn main() -> Result<ExitCode, BoxError> {
 
     // --- 2. An outbound tonic Channel with retries ------------------------------------------
     println!();
-    println!("An outbound tonic Channel with Retry (3 attempts) and AttemptTimeout (1 s):");
+    println!("An outbound tonic Channel in the whole stack (3 attempts, 1 s each):");
 
     // UNAVAILABLE for the first two calls it gets, then OK.
     let calls = Arc::new(AtomicU32::new(0));
@@ -160,13 +162,11 @@ async fn main() -> Result<ExitCode, BoxError> {
     }))
     .await;
 
-    let retry = RetryLayer::builder().max_attempts(3).build()?;
-    let channel = ServiceBuilder::new()
-        .layer(retry.clone())
-        .layer(AttemptTimeoutLayer::new(Duration::from_secs(1)))
-        // Retry sends `ReplayBody<B>`; a Channel takes `tonic::body::Body`.
-        .map_request(|req: Request<ReplayBody<tonic::body::Body>>| req.map(tonic::body::Body::new))
-        .service(greeter::channel(flaky));
+    // The whole stack; `IntoTonicBody` puts the retry's replayable body in a tonic body.
+    let layer = Upstream::builder()
+        .attempt_timeout(Duration::from_secs(1))
+        .build()?;
+    let channel = layer.layer(IntoTonicBody::new(greeter::channel(flaky)));
 
     let mut req = hello_request("retries");
     req.extensions_mut().insert(Idempotent);

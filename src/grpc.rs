@@ -1,5 +1,6 @@
 //! gRPC details the gateway needs: the status codes it emits, how to spot a gRPC call, and the
-//! `grpc-timeout` header's codec.
+//! `grpc-timeout` header's codec; with the `tonic` feature, [`IntoTonicBody`] to put the whole
+//! stack around a tonic `Channel`.
 //!
 //! ```
 //! use tower_upstream::grpc::{self, Code};
@@ -267,6 +268,117 @@ pub(crate) fn encode_message(msg: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(feature = "tonic")]
+pub use self::tonic_body::{IntoTonicBody, IntoTonicBodyLayer};
+
+#[cfg(feature = "tonic")]
+mod tonic_body {
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use http::Request;
+    use tower::BoxError;
+    use tower_layer::Layer;
+    use tower_service::Service;
+
+    /// Hands a tonic client transport (a `tonic::transport::Channel`, or any service taking
+    /// `http::Request<tonic::body::Body>`) requests with any body, by putting the body in a
+    /// `tonic::body::Body`.
+    ///
+    /// The stack's retry hands its inner service `Request<ReplayBody<B>>` (the body it can
+    /// send again); a `Channel` takes `Request<tonic::body::Body>`. This is the one step
+    /// between them:
+    ///
+    /// ```
+    /// use tonic::transport::Endpoint;
+    /// use tower::{BoxError, Layer};
+    /// use tower_upstream::grpc::IntoTonicBody;
+    /// use tower_upstream::Upstream;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), BoxError> {
+    /// let channel = Endpoint::from_static("http://127.0.0.1:50051").connect_lazy();
+    /// let svc = Upstream::builder().build()?.layer(IntoTonicBody::new(channel));
+    /// // `svc` is a `GrpcService`: `GreeterClient::new(svc)`, `tonic::client::Grpc::new(svc)`.
+    /// # let _ = tonic::client::Grpc::new(svc);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// The [tonic guide](crate::guide::tonic) has the whole story.
+    #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+    #[derive(Clone, Debug)]
+    pub struct IntoTonicBody<S> {
+        inner: S,
+    }
+
+    impl<S> IntoTonicBody<S> {
+        /// Wraps `inner`, a service taking `http::Request<tonic::body::Body>`.
+        pub fn new(inner: S) -> Self {
+            IntoTonicBody { inner }
+        }
+
+        /// The wrapped service.
+        pub fn get_ref(&self) -> &S {
+            &self.inner
+        }
+
+        /// The wrapped service, mutably.
+        pub fn get_mut(&mut self) -> &mut S {
+            &mut self.inner
+        }
+
+        /// Unwraps the service.
+        pub fn into_inner(self) -> S {
+            self.inner
+        }
+    }
+
+    impl<S, B> Service<Request<B>> for IntoTonicBody<S>
+    where
+        S: Service<Request<tonic::body::Body>>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+
+        #[inline]
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+            self.inner.poll_ready(cx)
+        }
+
+        #[inline]
+        fn call(&mut self, req: Request<B>) -> S::Future {
+            self.inner.call(req.map(tonic::body::Body::new))
+        }
+    }
+
+    /// Applies [`IntoTonicBody`]: `ServiceBuilder::new().layer(upstream_layer)
+    /// .layer(IntoTonicBodyLayer::new()).service(channel)`.
+    #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct IntoTonicBodyLayer {
+        _private: (),
+    }
+
+    impl IntoTonicBodyLayer {
+        /// The layer.
+        pub fn new() -> Self {
+            IntoTonicBodyLayer::default()
+        }
+    }
+
+    impl<S> Layer<S> for IntoTonicBodyLayer {
+        type Service = IntoTonicBody<S>;
+
+        fn layer(&self, inner: S) -> IntoTonicBody<S> {
+            IntoTonicBody::new(inner)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -70,8 +70,9 @@
 //! - [`grpc`]: gRPC status codes and detection.
 //! - [`upstream`]: the whole stack in one layer, [`Upstream::builder()`].
 //! - [`config`] (feature `serde`): the whole stack from a configuration file.
-//! - [`guide`]: wiring guides (tonic: a gateway in front of gRPC upstreams, an outbound
-//!   `Channel` with retries; configuration files).
+//! - [`guide`]: wiring guides, doc-tested: [the order of the layers and why](guide::ordering),
+//!   [axum](guide::axum), [outbound clients](guide::outbound), [tonic](guide::tonic) (server
+//!   and client), configuration files (`guide::config`, feature `serde`).
 //!
 //! # Feature flags
 //!
@@ -99,7 +100,24 @@ mod head;
 pub mod map_faults;
 
 /// Guides: how to wire the layers into real services. Their examples are doc-tested.
+///
+/// - [`ordering`](guide::ordering): the order of the layers, and why.
+/// - [`axum`](guide::axum): proxy routes, `Router::layer` / `route_layer`, breaker keys, a
+///   health endpoint.
+/// - [`outbound`](guide::outbound): a hyper-util client in the stack, called from a handler.
+/// - [`tonic`](guide::tonic): a gateway in front of gRPC upstreams, a `Channel` in the stack,
+///   a tonic server.
+/// - `config` (feature `serde`): every setting of a configuration file.
 pub mod guide {
+    #[doc = include_str!("docs/ordering.md")]
+    pub mod ordering {}
+
+    #[doc = include_str!("docs/axum.md")]
+    pub mod axum {}
+
+    #[doc = include_str!("docs/outbound.md")]
+    pub mod outbound {}
+
     #[doc = include_str!("docs/tonic.md")]
     pub mod tonic {}
 

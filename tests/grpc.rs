@@ -65,14 +65,9 @@ async fn gateway_forwards_a_call_to_a_healthy_upstream() {
     let upstream = grpc::serve_greeter(Greeter::hello()).await;
     let gw = grpc_gateway(upstream, Duration::from_secs(5), Duration::from_secs(5)).await;
 
-    let rsp = within(say_hello(
-        grpc::channel(gw),
-        grpc::origin(gw),
-        hello_request("gateway"),
-    ))
-    .await
-    .unwrap()
-    .unwrap();
+    let rsp = grpc::say_hello_at(gw, hello_request("gateway"))
+        .await
+        .unwrap();
     assert_eq!(rsp.get_ref().message, "hello, gateway");
 }
 
@@ -81,14 +76,9 @@ async fn upstream_down_is_unavailable_with_the_gateways_message() {
     let upstream = support::closed_port().await;
     let gw = grpc_gateway(upstream, Duration::from_secs(5), Duration::from_secs(5)).await;
 
-    let status = within(say_hello(
-        grpc::channel(gw),
-        grpc::origin(gw),
-        hello_request("nobody"),
-    ))
-    .await
-    .unwrap()
-    .unwrap_err();
+    let status = grpc::say_hello_at(gw, hello_request("nobody"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(status.message(), "upstream refused the connection");
     assert_eq!(
@@ -201,14 +191,9 @@ async fn upstream_status_passes_through_unchanged() {
     .await;
     let gw = grpc_gateway(upstream, Duration::from_secs(5), Duration::from_secs(5)).await;
 
-    let status = within(say_hello(
-        grpc::channel(gw),
-        grpc::origin(gw),
-        hello_request("x"),
-    ))
-    .await
-    .unwrap()
-    .unwrap_err();
+    let status = grpc::say_hello_at(gw, hello_request("x"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(status.message(), "orders database is down");
     assert_eq!(
@@ -251,14 +236,9 @@ async fn layers_on_a_tonic_server() {
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
 
-    let status = within(say_hello(
-        grpc::channel(addr),
-        grpc::origin(addr),
-        hello_request("slow"),
-    ))
-    .await
-    .unwrap()
-    .unwrap_err();
+    let status = grpc::say_hello_at(addr, hello_request("slow"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert_eq!(status.message(), "upstream did not answer in time");
     let left = seen
@@ -274,34 +254,6 @@ async fn layers_on_a_tonic_server() {
 // ---------------------------------------------------------------------------------------
 // An outbound tonic Channel wrapped in the layers
 // ---------------------------------------------------------------------------------------
-
-/// An upstream that answers `UNAVAILABLE` to its first `failures` calls, then OK; it records
-/// each call's `grpc-previous-rpc-attempts`.
-async fn recovering_upstream(failures: u32) -> (SocketAddr, Arc<Mutex<Vec<Option<String>>>>) {
-    let calls = Arc::new(AtomicU32::new(0));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = seen.clone();
-    let greeter = Greeter::new(move |req: tonic::Request<grpc::HelloRequest>| {
-        let n = calls.fetch_add(1, Ordering::Relaxed);
-        let previous = req
-            .metadata()
-            .get("grpc-previous-rpc-attempts")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        record.lock().unwrap().push(previous);
-        let name = req.into_inner().name;
-        async move {
-            if n < failures {
-                Err(tonic::Status::unavailable("warming up"))
-            } else {
-                Ok(tonic::Response::new(HelloReply {
-                    message: format!("hello, {name}"),
-                }))
-            }
-        }
-    });
-    (grpc::serve_greeter(greeter).await, seen)
-}
 
 /// A `Channel` with retries and a timeout per attempt, as an outbound client. No `MapFaults`:
 /// the caller of an outbound client wants the call's own `Status` (which tonic makes from the
@@ -330,7 +282,7 @@ fn tonic_body(req: ReplayRequest) -> TonicRequest {
 
 #[tokio::test]
 async fn channel_retries_an_idempotent_call_until_it_succeeds() {
-    let (upstream, seen) = recovering_upstream(2).await;
+    let (upstream, seen) = grpc::recovering_greeter(2).await;
     let retry = RetryLayer::builder().max_attempts(3).build().unwrap();
     let svc = retrying_channel(upstream, retry.clone());
 
@@ -351,7 +303,7 @@ async fn channel_retries_an_idempotent_call_until_it_succeeds() {
 
 #[tokio::test]
 async fn channel_does_not_retry_an_unmarked_call() {
-    let (upstream, seen) = recovering_upstream(2).await;
+    let (upstream, seen) = grpc::recovering_greeter(2).await;
     let svc = retrying_channel(
         upstream,
         RetryLayer::builder().max_attempts(3).build().unwrap(),
@@ -372,7 +324,7 @@ async fn channel_does_not_retry_an_unmarked_call() {
 
 #[tokio::test]
 async fn channel_with_retry_all_grpc_calls_retries_unmarked_calls() {
-    let (upstream, seen) = recovering_upstream(1).await;
+    let (upstream, seen) = grpc::recovering_greeter(1).await;
     let retry = RetryLayer::builder()
         .policy(tower_upstream::retry::DefaultPolicy::new().retry_all_grpc_calls(true))
         .max_attempts(3)

@@ -30,6 +30,10 @@
 //! assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
 //! assert_eq!(res.headers()["proxy-status"], "edge; error=connection_refused");
 //! assert_eq!(res.headers()["content-type"], "application/problem+json");
+//! assert_eq!(
+//!     res.extensions().get::<tower_upstream::Fault>(),
+//!     Some(&tower_upstream::Fault::ConnectionRefused)
+//! );
 //! # }
 //! ```
 //!
@@ -63,6 +67,10 @@
 //! - Upstream answers of any status pass through untouched, unless
 //!   [`rewrite_upstream_5xx`](MapFaultsLayerBuilder::rewrite_upstream_5xx) is on.
 //! - A body that fails after the head was sent ends with an error (see [`FaultBody`]).
+//! - Every answer the mapper makes for a fault carries that [`Fault`](crate::Fault) in its
+//!   extensions, so code calling an outbound client through the stack tells the stack's
+//!   answer from the upstream's own: `res.extensions().get::<Fault>()` is `None` for an
+//!   upstream's answer.
 //!
 //! # Errors
 //!

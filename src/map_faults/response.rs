@@ -317,6 +317,7 @@ impl View<'_> {
                 headers.insert(RETRY_AFTER, HeaderValue::from(whole_seconds_up(after)));
             }
         }
+        res.extensions_mut().insert(fault);
         res
     }
 
@@ -348,6 +349,7 @@ impl View<'_> {
             PROXY_STATUS.clone(),
             self.proxy_status(Some(fault), None, details),
         );
+        res.extensions_mut().insert(fault);
         res
     }
 

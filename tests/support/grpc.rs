@@ -16,7 +16,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -155,9 +156,49 @@ where
     .await
 }
 
+/// Calls `SayHello` on the server at `addr` through a fresh `Channel`; a test failure when
+/// no answer comes within 10 s.
+pub async fn say_hello_at(
+    addr: SocketAddr,
+    req: Request<HelloRequest>,
+) -> Result<Response<HelloReply>, Status> {
+    let call = say_hello(channel(addr), origin(addr), req);
+    tokio::time::timeout(std::time::Duration::from_secs(10), call)
+        .await
+        .expect("an answer within 10 s")
+}
+
 /// A `SayHello` request for `name`.
 pub fn hello_request(name: &str) -> Request<HelloRequest> {
     Request::new(HelloRequest {
         name: name.to_owned(),
     })
+}
+
+/// Serves a greeter that answers `UNAVAILABLE` ("warming up") to its first `failures` calls,
+/// then `hello, <name>`; returns its address and each call's `grpc-previous-rpc-attempts`.
+pub async fn recovering_greeter(failures: u32) -> (SocketAddr, Arc<Mutex<Vec<Option<String>>>>) {
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let greeter = Greeter::new(move |req: Request<HelloRequest>| {
+        let n = calls.fetch_add(1, Ordering::Relaxed);
+        let previous = req
+            .metadata()
+            .get("grpc-previous-rpc-attempts")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        record.lock().unwrap().push(previous);
+        let name = req.into_inner().name;
+        async move {
+            if n < failures {
+                Err(Status::unavailable("warming up"))
+            } else {
+                Ok(Response::new(HelloReply {
+                    message: format!("hello, {name}"),
+                }))
+            }
+        }
+    });
+    (serve_greeter(greeter).await, seen)
 }
