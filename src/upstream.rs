@@ -100,6 +100,18 @@
 //!
 //! Another order is possible by composing the layers by hand with `ServiceBuilder`.
 //!
+//! # The deadline inside the stack
+//!
+//! The stack's own deadline (the default, or [`deadline`](UpstreamBuilder::deadline)) does
+//! not go into the request's extensions: every layer that needs it is the crate's own and
+//! learns it as it is called, which spares every request the allocations of an extension
+//! and of its copy for the retries. Each attempt, a retry's too, is still bounded by what the
+//! deadline leaves, and a gRPC upstream is still told (`grpc-timeout`). The service you wrap
+//! therefore sees no [`RequestDeadline`](crate::deadline::RequestDeadline); pass a layer of
+//! your own with [`deadline_layer`](UpstreamBuilder::deadline_layer) if it needs one: that
+//! layer behaves as it does alone. A deadline already on the incoming request is honoured
+//! either way.
+//!
 //! # Body types
 //!
 //! The service you wrap receives `Request<ReplayBody<B>>` (the retry records the body to
@@ -208,6 +220,15 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        // Checked first: with tracing's `log` feature and no subscriber, even a disabled
+        // span records its fields for `log`, which costs more than the rest of the call.
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return ResponseFuture {
+                inner: self.inner.call(req),
+                span: tracing::Span::none(),
+                _body: PhantomData,
+            };
+        }
         let span = tracing::debug_span!(
             "upstream.request",
             method = %req.method(),
@@ -578,8 +599,15 @@ impl<P> UpstreamBuilder<P> {
             },
         };
         let deadline = match self.deadline {
-            Part::Default => Some(DeadlineLayer::new(DEFAULT_DEADLINE)),
-            Part::Duration(d) => Some(DeadlineLayer::builder().timeout(d).build()?),
+            // The stack's own deadline travels privately (no extension, see the module
+            // docs); a layer passed in behaves as it would alone.
+            Part::Default => Some(DeadlineLayer::new(DEFAULT_DEADLINE).without_extension()),
+            Part::Duration(d) => Some(
+                DeadlineLayer::builder()
+                    .timeout(d)
+                    .build()?
+                    .without_extension(),
+            ),
             Part::Layer(layer) => Some(layer),
             Part::Off => None,
         };

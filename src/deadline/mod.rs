@@ -208,6 +208,9 @@ struct Config {
     grpc_timeout: bool,
     header: Option<(HeaderName, HeaderUnit)>,
     propagate: bool,
+    /// Whether the deadline goes into the request's extensions (always, but inside
+    /// `Upstream`, where it travels privately: see [`cover`]).
+    extension: bool,
 }
 
 impl Config {
@@ -217,6 +220,7 @@ impl Config {
             grpc_timeout: true,
             header: None,
             propagate: true,
+            extension: true,
         }
     }
 }
@@ -316,20 +320,17 @@ where
         let now = cover::now();
         let own = self.deadline_of(&req, now);
         let earlier = RequestDeadline::of(&req).map(|d| d.instant());
-        let at = match (own, earlier) {
+        let (at, ours) = match (own, earlier) {
             (None, None) => return future::ResponseFuture::untimed(self.inner.call(req)),
-            (Some(at), None) => {
-                req.extensions_mut().insert(RequestDeadline::at(at));
-                at
-            }
-            (Some(at), Some(earlier)) if at < earlier => {
-                req.extensions_mut().insert(RequestDeadline::at(at));
-                at
-            }
-            (_, Some(earlier)) => earlier,
+            (Some(at), None) => (at, true),
+            (Some(at), Some(earlier)) if at < earlier => (at, true),
+            (_, Some(earlier)) => (earlier, false),
         };
         if at <= now {
             return future::ResponseFuture::spent();
+        }
+        if ours && self.config.extension {
+            req.extensions_mut().insert(RequestDeadline::at(at));
         }
         if self.config.propagate {
             let remaining = at - now;
@@ -342,7 +343,8 @@ where
                     .insert(name.clone(), unit.encode(remaining));
             }
         }
-        let _shared = cover::SharedNow::share(now);
+        let private = (!self.config.extension).then_some(at);
+        let _shared = cover::Shared::share(Some(now), private);
         future::ResponseFuture::timed(self.inner.call(req), at)
     }
 }

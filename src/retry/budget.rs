@@ -99,7 +99,13 @@ impl RetryBudget {
     /// Records a first attempt, which earns `ratio` of a retry.
     #[inline]
     pub fn deposit(&self) {
-        let tick = self.inner.tick();
+        self.deposit_at(Instant::now());
+    }
+
+    /// [`deposit`](Self::deposit) with a clock reading the caller already has.
+    #[inline]
+    pub(crate) fn deposit_at(&self, now: Instant) {
+        let tick = self.inner.tick_at(now);
         let stripe = &self.inner.firsts[stripe_index()];
         add(&stripe.0[tick as usize % SLOTS], tick as u32);
     }
@@ -171,7 +177,12 @@ impl fmt::Debug for RetryBudget {
 impl Inner {
     #[inline]
     fn tick(&self) -> u64 {
-        let elapsed = Instant::now().saturating_duration_since(self.origin);
+        self.tick_at(Instant::now())
+    }
+
+    #[inline]
+    fn tick_at(&self, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.origin);
         let ms = elapsed
             .as_secs()
             .saturating_mul(1000)

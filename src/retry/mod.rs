@@ -113,6 +113,7 @@ pub use self::replay::ReplayBody;
 
 use self::future::{Ctx, ResponseFuture};
 use self::replay::State;
+use crate::deadline::cover;
 use crate::fault::Classifier;
 
 /// How many attempts a request took, in the final response's extensions when it took more
@@ -244,7 +245,8 @@ where
         if cfg.max_attempts <= 1 || !cfg.policy.may_retry(policy::RequestHead::of(&req)) {
             return ResponseFuture::once(self.inner.call(req.map(ReplayBody::passthrough)));
         }
-        cfg.budget.deposit();
+        // A `Deadline` calling us synchronously shares its clock reading (no second read).
+        cfg.budget.deposit_at(cover::now());
         let (parts, body) = req.into_parts();
         let head = parts.clone();
         let (first, replay) = if body.is_end_stream() {
@@ -263,6 +265,7 @@ where
                 config: self.config.clone(),
                 service,
                 head,
+                deadline: cover::deadline(),
                 replay,
                 attempts: 1,
                 prev_delay_ns: 0,

@@ -151,7 +151,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let deadline = RequestDeadline::of(&req);
+        let deadline = request_deadline(&req);
         let propagate = self.propagate && grpc::is_grpc(req.headers());
         if deadline.is_none() && !propagate {
             // Nothing needs the clock yet: it is read if and when the attempt has to wait.
@@ -160,8 +160,8 @@ where
         let now = cover::now();
         let attempt_at = saturating_add(now, self.timeout);
         let (at, by_deadline) = match deadline {
-            Some(d) if d.instant() <= now => return future::ResponseFuture::spent(),
-            Some(d) if d.instant() <= attempt_at => (d.instant(), true),
+            Some(d) if d <= now => return future::ResponseFuture::spent(),
+            Some(d) if d <= attempt_at => (d, true),
             _ => (attempt_at, false),
         };
         if propagate {
@@ -173,5 +173,16 @@ where
             }
         }
         future::ResponseFuture::new(self.inner.call(req), at, by_deadline)
+    }
+}
+
+/// The request's deadline: its extension's, or the one a `Deadline` inside `Upstream` shares
+/// while calling (see [`cover`]), the earlier of the two.
+#[inline]
+fn request_deadline<B>(req: &Request<B>) -> Option<tokio::time::Instant> {
+    let ext = RequestDeadline::of(req).map(|d| d.instant());
+    match (ext, cover::deadline()) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
