@@ -134,6 +134,12 @@ fn main() {
                 )
             );
             println!(
+                "tokio Sleep: {} bytes, request head: {} bytes, Response<()>: {} bytes",
+                std::mem::size_of::<tokio::time::Sleep>(),
+                std::mem::size_of::<http::request::Parts>(),
+                std::mem::size_of::<Response<()>>(),
+            );
+            println!(
                 "stack future: {} bytes",
                 size_of_future(layer.layer(inner::<ReplayBody<Empty<Bytes>>>()), empty())
             );

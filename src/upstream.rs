@@ -164,12 +164,14 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 /// The default timeout of one attempt.
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
-// The composed stack, innermost first. Private: `Upstream<S>` is what users name.
-type Timed<S> = Opt<AttemptTimeout<S>, S>;
-type Broken<S> = Opt<CircuitBreaker<Timed<S>>, Timed<S>>;
+// The composed stack, innermost first. Private: `Upstream<S>` is what users name. A part
+// that is off is its layer's pass-through rather than an `Either` of two services: every
+// wrapper level copies the future below it once more when it is made.
+type Timed<S> = AttemptTimeout<S>;
+type Broken<S> = CircuitBreaker<Timed<S>>;
 type Retried<S, P> = Retry<Broken<S>, P>;
 type Limited<S, P> = Opt<LoadShed<ConcurrencyLimit<Retried<S, P>>>, Retried<S, P>>;
-type Timely<S, P> = Opt<Deadline<Limited<S, P>>, Limited<S, P>>;
+type Timely<S, P> = Deadline<Limited<S, P>>;
 type Stack<S, P> = MapFaults<Timely<S, P>>;
 
 /// The whole stack around a service `S`, made by an [`UpstreamLayer`]. See the
@@ -403,14 +405,23 @@ impl<S, P> Layer<S> for UpstreamLayer<P> {
     type Service = Upstream<S, P>;
 
     fn layer(&self, inner: S) -> Upstream<S, P> {
-        let timed = Opt::new(self.attempt_timeout.as_ref(), inner);
-        let broken = Opt::new(self.breaker.as_ref(), timed);
+        let timed = match &self.attempt_timeout {
+            Some(layer) => layer.layer(inner),
+            None => AttemptTimeout::off(inner),
+        };
+        let broken = match &self.breaker {
+            Some(layer) => layer.layer(timed),
+            None => CircuitBreaker::off(timed),
+        };
         let retried = self.retry.layer(broken);
         let limited = match &self.limit {
             Some(limit) => Opt::On(LoadShed::new(limit.layer(retried))),
             None => Opt::Off(retried),
         };
-        let timely = Opt::new(self.deadline.as_ref(), limited);
+        let timely = match &self.deadline {
+            Some(layer) => layer.layer(limited),
+            None => Deadline::off(limited),
+        };
         Upstream {
             inner: self.map_faults.layer(timely),
         }
@@ -669,15 +680,6 @@ impl<P> fmt::Debug for UpstreamBuilder<P> {
 enum Opt<A, B> {
     On(A),
     Off(B),
-}
-
-impl<A, B> Opt<A, B> {
-    fn new<L: Layer<B, Service = A>>(layer: Option<&L>, inner: B) -> Self {
-        match layer {
-            Some(layer) => Opt::On(layer.layer(inner)),
-            None => Opt::Off(inner),
-        }
-    }
 }
 
 impl<A, B, R> Service<R> for Opt<A, B>

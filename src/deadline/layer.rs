@@ -173,6 +173,7 @@ impl DeadlineBuilder {
                 header,
                 propagate: self.propagate,
                 extension: true,
+                on: true,
             },
         })
     }

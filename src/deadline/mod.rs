@@ -211,6 +211,9 @@ struct Config {
     /// Whether the deadline goes into the request's extensions (always, but inside
     /// `Upstream`, where it travels privately: see [`cover`]).
     extension: bool,
+    /// `false`: a pass-through (inside `Upstream` without a deadline), so that the stack's
+    /// type and its futures' layout do not depend on the configuration.
+    on: bool,
 }
 
 impl Config {
@@ -221,6 +224,7 @@ impl Config {
             header: None,
             propagate: true,
             extension: true,
+            on: true,
         }
     }
 }
@@ -242,6 +246,13 @@ impl<S> Deadline<S> {
             inner,
             config: Config::new(timeout),
         }
+    }
+
+    /// A pass-through: calls `inner` as is, its errors boxed.
+    pub(crate) fn off(inner: S) -> Self {
+        let mut config = Config::new(Duration::ZERO);
+        config.on = false;
+        Deadline { inner, config }
     }
 
     /// A layer that wraps services in a `Deadline` of `timeout`; see [`Deadline::new`].
@@ -316,7 +327,11 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if !self.config.on {
+            return future::ResponseFuture::untimed(self.inner.call(req));
+        }
         let now = cover::now();
         let own = self.deadline_of(&req, now);
         let earlier = RequestDeadline::of(&req).map(|d| d.instant());

@@ -162,6 +162,7 @@ where
         }
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let grpc = grpc::is_grpc(req.headers());
         if let Some(err) = self.ready_error.0.take() {

@@ -240,6 +240,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let cfg = &*self.config;
         if cfg.max_attempts <= 1 || !cfg.policy.may_retry(policy::RequestHead::of(&req)) {
