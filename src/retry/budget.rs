@@ -13,7 +13,7 @@ use crate::error::ConfigError;
 /// Number of time slots the window is split into.
 const SLOTS: usize = 10;
 /// Number of stripes the counters are spread over, so that cores don't share a cache line.
-const STRIPES: usize = 8;
+pub(crate) const STRIPES: usize = 8;
 /// Fixed-point scale: one retry is worth `PPM` units; a first attempt deposits
 /// `ratio × PPM` units (rounded to the nearest unit).
 const PPM: i128 = 1_000_000;
@@ -99,14 +99,15 @@ impl RetryBudget {
     /// Records a first attempt, which earns `ratio` of a retry.
     #[inline]
     pub fn deposit(&self) {
-        self.deposit_at(Instant::now());
+        self.deposit_in(stripe_index(), Instant::now());
     }
 
-    /// [`deposit`](Self::deposit) with a clock reading the caller already has.
+    /// [`deposit`](Self::deposit) in this thread's stripe (from [`stripe_index`]) with a
+    /// clock reading the caller already has.
     #[inline]
-    pub(crate) fn deposit_at(&self, now: Instant) {
+    pub(crate) fn deposit_in(&self, stripe: usize, now: Instant) {
         let tick = self.inner.tick_at(now);
-        let stripe = &self.inner.firsts[stripe_index()];
+        let stripe = &self.inner.firsts[stripe];
         add(&stripe.0[tick as usize % SLOTS], tick as u32);
     }
 
@@ -259,8 +260,9 @@ fn sub(slot: &AtomicU64, tick: u32) {
 /// Stripes handed out so far (to threads, round robin).
 static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
 
+/// The calling thread's stripe, below [`STRIPES`].
 #[inline]
-fn stripe_index() -> usize {
+pub(crate) fn stripe_index() -> usize {
     thread_local! {
         static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
     }

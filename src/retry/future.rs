@@ -16,7 +16,7 @@ use tower_service::Service;
 use super::backoff::{pushback, Pushback};
 use super::policy::{Outcome, RequestHead};
 use super::replay::{lock, ReplayBody, State};
-use super::{Attempts, Config, Policy};
+use super::{Attempts, Policy, Stripe};
 use crate::deadline::{cover, RequestDeadline};
 use crate::fault::Fault;
 use crate::grpc;
@@ -59,7 +59,8 @@ pin_project! {
 }
 
 pub(crate) struct Ctx<S, P, B> {
-    pub(crate) config: Arc<Config<P>>,
+    /// This thread's stripe's reference to the layer's configuration.
+    pub(crate) config: Arc<Stripe<P>>,
     pub(crate) service: S,
     pub(crate) head: http::request::Parts,
     /// The deadline a `Deadline` above shared without an extension (inside `Upstream`); one
