@@ -28,6 +28,11 @@ impl DeadlineLayer {
         DeadlineBuilder::default()
     }
 
+    /// What the layer does, for `Upstream`, which applies it itself.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// The same layer, but the deadline reaches the layers below through [`super::cover`]
     /// instead of a `RequestDeadline` extension: only for stacks where every layer below
     /// that needs it is the crate's own and called synchronously (`Upstream`).
@@ -173,7 +178,6 @@ impl DeadlineBuilder {
                 header,
                 propagate: self.propagate,
                 extension: true,
-                on: true,
             },
         })
     }
