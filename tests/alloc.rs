@@ -1,5 +1,5 @@
 #![allow(unsafe_code)] // a counting global allocator needs it
-//! The happy path of `MapFaults` allocates nothing per request.
+//! The happy paths of `MapFaults` and of the whole default stack allocate nothing per request.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
@@ -73,4 +73,47 @@ fn happy_path_does_not_allocate() {
         .unwrap();
     let n = rt.block_on(allocations_for_100_requests(named.layer(inner)));
     assert_eq!(n, 0, "allocations on the happy path with a configured name");
+}
+
+/// The whole default stack (`Upstream::builder().build()`: fault answers, deadline, retry
+/// with its budget, breaker, attempt timeout) allocates nothing per request either, once
+/// warm, when the first attempt answers: the deadline travels without an extension, the
+/// head copied for retries has no extensions, and no timer is made for an attempt that
+/// does not wait.
+#[test]
+fn the_default_stack_does_not_allocate_on_the_happy_path() {
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use tower_upstream::retry::ReplayBody;
+    use tower_upstream::Upstream;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let inner = service_fn(|_req: Request<ReplayBody<Empty<Bytes>>>| {
+        std::future::ready(Ok::<_, Infallible>(Response::new(())))
+    });
+    let layer = Upstream::builder().build().unwrap();
+    let mut svc = layer.layer(inner);
+    let n = rt.block_on(async move {
+        let mut before = 0;
+        for i in 0..110 {
+            if i == 10 {
+                // Warm: first-use allocations (thread-locals, the breaker's map) are behind.
+                before = ALLOCATIONS.load(Ordering::Relaxed);
+            }
+            let res = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(Request::new(Empty::new()))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), http::StatusCode::OK);
+            std::hint::black_box(res);
+        }
+        ALLOCATIONS.load(Ordering::Relaxed) - before
+    });
+    assert_eq!(n, 0, "allocations on the default stack's happy path");
 }

@@ -273,14 +273,13 @@ impl Config {
             req.extensions_mut().insert(RequestDeadline::at(at));
         }
         if self.propagate {
-            let remaining = at - now;
             if grpc::is_grpc(req.headers()) {
                 req.headers_mut()
-                    .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(remaining));
+                    .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(at - now));
             }
             if let Some((name, unit)) = &self.header {
                 req.headers_mut()
-                    .insert(name.clone(), unit.encode(remaining));
+                    .insert(name.clone(), unit.encode(at - now));
             }
         }
         Start::Timed {
