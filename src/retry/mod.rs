@@ -292,8 +292,9 @@ where
             return ResponseFuture::once(self.inner.call(req.map(ReplayBody::passthrough)));
         }
         let stripe = budget::stripe_index();
-        // A `Deadline` calling us synchronously shares its clock reading (no second read).
-        cfg.budget.deposit_in(stripe, cover::now());
+        // When the budget needs the time, a `Deadline` calling us synchronously shares its
+        // clock reading (no second read).
+        cfg.budget.deposit_in(stripe, cover::now);
         let (parts, body) = req.into_parts();
         let head = parts.clone();
         let (first, replay) = if body.is_end_stream() {
