@@ -10,55 +10,18 @@
 //! and divide the difference of the two totals by 10 000. Scenarios: `bare`, `tower_retry`,
 //! `retry`, `tower_stack`, `stack`; `sizes` prints the response futures' sizes.
 
-use std::convert::Infallible;
-use std::future::{ready, Ready};
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Empty;
-use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_upstream::retry::ReplayBody;
 use tower_upstream::{RetryLayer, Upstream};
 
-/// tower's `Retry` policy as its docs show it (the same as in `retry.rs` and `stack.rs`).
-#[derive(Clone)]
-struct TowerPolicy {
-    budget: Arc<TpsBudget>,
-}
-
-impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for TowerPolicy {
-    type Future = Ready<()>;
-
-    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
-        match result {
-            Ok(_) => {
-                self.budget.deposit();
-                None
-            }
-            Err(_) => self.budget.withdraw().then(|| ready(())),
-        }
-    }
-
-    fn clone_request(&mut self, req: &Req) -> Option<Req> {
-        Some(req.clone())
-    }
-}
-
-fn tower_policy() -> TowerPolicy {
-    TowerPolicy {
-        budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
-    }
-}
-
-fn inner<B>(
-) -> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone + Send
-{
-    tower::service_fn(|_req: Request<B>| ready(Ok::<_, Infallible>(Response::new(()))))
-}
+mod common;
+use common::{inner, tower_policy};
 
 async fn drive<S, B>(mut svc: S, iters: u64, make: impl Fn() -> Request<B>)
 where
