@@ -180,9 +180,9 @@ type Retried<S, P> = Retry<Broken<S>, P>;
 /// `Service<http::Request<ReplayBody<B>>, Response = http::Response<R>>`.
 ///
 /// The outer parts (fault answers, the deadline, the concurrency limit) run in this
-/// service's own call and future, with the same code as [`MapFaults`] and [`Deadline`]:
-/// one future for the three rather than one wrapped in another, which would copy the
-/// futures below once per level.
+/// service's own call and future, with the same code as [`MapFaults`](crate::MapFaults)
+/// and [`Deadline`](crate::Deadline): one future for the three rather than one wrapped in
+/// another, which would copy the futures below once per level.
 pub struct Upstream<S, P = DefaultPolicy> {
     inner: Retried<S, P>,
     map_faults: map_faults::Config,
