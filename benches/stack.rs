@@ -6,52 +6,20 @@
 //! ratios to `bare`, not the absolute times. Run briefly with
 //! `cargo bench --bench stack -- --warm-up-time 1 --measurement-time 3`.
 
-use std::convert::Infallible;
-use std::future::{ready, Ready};
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{Request, Response};
+use http::Request;
 use http_body_util::Empty;
 use tokio::time::Instant;
-use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_upstream::retry::ReplayBody;
 use tower_upstream::Upstream;
 
-/// tower's `Retry` policy as its docs show it: deposit on success, withdraw on failure;
-/// never retries here (the inner service always succeeds) but clones the request.
-#[derive(Clone)]
-struct TowerPolicy {
-    budget: Arc<TpsBudget>,
-}
-
-impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for TowerPolicy {
-    type Future = Ready<()>;
-
-    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
-        match result {
-            Ok(_) => {
-                self.budget.deposit();
-                None
-            }
-            Err(_) => self.budget.withdraw().then(|| ready(())),
-        }
-    }
-
-    fn clone_request(&mut self, req: &Req) -> Option<Req> {
-        Some(req.clone())
-    }
-}
-
-fn inner<B>(
-) -> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone + Send
-{
-    tower::service_fn(|_req: Request<B>| ready(Ok::<_, Infallible>(Response::new(()))))
-}
+mod common;
+use common::{inner, tower_policy};
 
 /// Times `iters` sequential `ready().await` + `call(req).await` on one service.
 async fn drive<S, B>(mut svc: S, iters: u64, make: impl Fn() -> Request<B>) -> Duration
@@ -82,11 +50,8 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("tower_timeout_retry_tps", |b| {
         b.iter_custom(|n| {
-            let policy = TowerPolicy {
-                budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
-            };
             let svc = ServiceBuilder::new()
-                .retry(policy)
+                .retry(tower_policy())
                 .timeout(Duration::from_secs(10))
                 .service(inner::<()>());
             rt.block_on(drive(svc, n, unit))

@@ -100,6 +100,18 @@
 //!
 //! Another order is possible by composing the layers by hand with `ServiceBuilder`.
 //!
+//! # The deadline inside the stack
+//!
+//! The stack's own deadline (the default, or [`deadline`](UpstreamBuilder::deadline)) does
+//! not go into the request's extensions: every layer that needs it is the crate's own and
+//! learns it as it is called, which spares every request the allocations of an extension
+//! and of its copy for the retries. Each attempt, a retry's too, is still bounded by what the
+//! deadline leaves, and a gRPC upstream is still told (`grpc-timeout`). The service you wrap
+//! therefore sees no [`RequestDeadline`](crate::deadline::RequestDeadline); pass a layer of
+//! your own with [`deadline_layer`](UpstreamBuilder::deadline_layer) if it needs one: that
+//! layer behaves as it does alone. A deadline already on the incoming request is honoured
+//! either way.
+//!
 //! # Body types
 //!
 //! The service you wrap receives `Request<ReplayBody<B>>` (the retry records the body to
@@ -124,25 +136,26 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
-use std::marker::PhantomData;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tower::limit::{ConcurrencyLimit, GlobalConcurrencyLimitLayer};
-use tower::load_shed::LoadShed;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::load_shed::error::Overloaded;
 use tower::BoxError;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::breaker::{BreakerHandle, CircuitBreaker, CircuitBreakerLayer};
-use crate::deadline::{Deadline, DeadlineLayer};
+use crate::deadline::{self, DeadlineExceeded, DeadlineLayer, Start};
 use crate::error::ConfigError;
 use crate::fault::Classifier;
-use crate::map_faults::{FaultBody, MapFaults, MapFaultsLayer};
+use crate::grpc;
+use crate::map_faults::{self, FaultBody, MapFaultsLayer, ReadyError};
 use crate::retry::{Attempts, DefaultPolicy, Policy, ReplayBody, Retry, RetryBudget, RetryLayer};
 use crate::timeout::{AttemptTimeout, AttemptTimeoutLayer};
 
@@ -152,13 +165,12 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 /// The default timeout of one attempt.
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
-// The composed stack, innermost first. Private: `Upstream<S>` is what users name.
-type Timed<S> = Opt<AttemptTimeout<S>, S>;
-type Broken<S> = Opt<CircuitBreaker<Timed<S>>, Timed<S>>;
+// The layers below the deadline, innermost first. Private: `Upstream<S>` is what users name.
+// A part that is off is its layer's pass-through rather than an `Either` of two services:
+// every wrapper level copies the future below it once more when it is made.
+type Timed<S> = AttemptTimeout<S>;
+type Broken<S> = CircuitBreaker<Timed<S>>;
 type Retried<S, P> = Retry<Broken<S>, P>;
-type Limited<S, P> = Opt<LoadShed<ConcurrencyLimit<Retried<S, P>>>, Retried<S, P>>;
-type Timely<S, P> = Opt<Deadline<Limited<S, P>>, Limited<S, P>>;
-type Stack<S, P> = MapFaults<Timely<S, P>>;
 
 /// The whole stack around a service `S`, made by an [`UpstreamLayer`]. See the
 /// [module docs](self).
@@ -166,8 +178,36 @@ type Stack<S, P> = MapFaults<Timely<S, P>>;
 /// It implements `Service<http::Request<B>>` with `Error = Infallible` and
 /// `Response = http::Response<FaultBody<R>>` when `S` implements
 /// `Service<http::Request<ReplayBody<B>>, Response = http::Response<R>>`.
+///
+/// The outer parts (fault answers, the deadline, the concurrency limit) run in this
+/// service's own call and future, with the same code as [`MapFaults`](crate::MapFaults)
+/// and [`Deadline`](crate::Deadline): one future for the three rather than one wrapped in
+/// another, which would copy the futures below once per level.
 pub struct Upstream<S, P = DefaultPolicy> {
-    inner: Stack<S, P>,
+    inner: Retried<S, P>,
+    map_faults: map_faults::Config,
+    ready_error: ReadyError,
+    deadline: Option<deadline::Config>,
+    limit: Option<Limit>,
+}
+
+/// The concurrency limit with load shedding, as tower's `ConcurrencyLimit` under
+/// `LoadShed`: a permit is taken in `poll_ready` (kept until a call uses it); without one,
+/// or while the service below is not ready, the call is answered `Overloaded` at once.
+struct Limit {
+    semaphore: Arc<Semaphore>,
+    permit: Option<OwnedSemaphorePermit>,
+    shed: bool,
+}
+
+impl Clone for Limit {
+    fn clone(&self) -> Self {
+        Limit {
+            semaphore: self.semaphore.clone(),
+            permit: None,
+            shed: false,
+        }
+    }
 }
 
 impl Upstream<(), DefaultPolicy> {
@@ -181,6 +221,10 @@ impl<S: Clone, P> Clone for Upstream<S, P> {
     fn clone(&self) -> Self {
         Upstream {
             inner: self.inner.clone(),
+            map_faults: self.map_faults.clone(),
+            ready_error: self.ready_error.clone(),
+            deadline: self.deadline.clone(),
+            limit: self.limit.clone(),
         }
     }
 }
@@ -204,10 +248,31 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
+        let inner = &mut self.inner;
+        let Some(limit) = &mut self.limit else {
+            return self.ready_error.poll_ready(|| inner.poll_ready(cx));
+        };
+        if limit.permit.is_none() {
+            limit.permit = limit.semaphore.clone().try_acquire_owned().ok();
+        }
+        if limit.permit.is_none() {
+            limit.shed = true;
+            return Poll::Ready(Ok(()));
+        }
+        match self.ready_error.poll_ready(|| inner.poll_ready(cx)) {
+            Poll::Ready(_) => limit.shed = false,
+            Poll::Pending => limit.shed = true,
+        }
+        Poll::Ready(Ok(()))
     }
 
+    #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        // Checked first: with tracing's `log` feature and no subscriber, even a disabled
+        // span records its fields for `log`, which costs more than the rest of the call.
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return self.call_in(req, tracing::Span::none());
+        }
         let span = tracing::debug_span!(
             "upstream.request",
             method = %req.method(),
@@ -217,16 +282,59 @@ where
             attempts = tracing::field::Empty,
             fault = tracing::field::Empty,
         );
-        let inner = if span.is_disabled() {
-            self.inner.call(req)
-        } else {
-            let _entered = span.enter();
+        if span.is_disabled() {
+            return self.call_in(req, span);
+        }
+        let _entered = span.enter();
+        self.call_in(req, span.clone())
+    }
+}
+
+impl<S, P> Upstream<S, P> {
+    /// The call, in `span`: the parts above the retry, then the retry.
+    #[inline]
+    fn call_in<B, ResB>(
+        &mut self,
+        mut req: Request<B>,
+        span: tracing::Span,
+    ) -> ResponseFuture<S, P, B, ResB>
+    where
+        S: Service<Request<ReplayBody<B>>, Response = Response<ResB>> + Clone,
+        S::Error: Into<BoxError>,
+        P: Policy,
+        B: Body,
+    {
+        let map_faults = self.map_faults.for_request(grpc::is_grpc(req.headers()));
+        let answer = |error: BoxError| ResponseFuture {
+            state: State::Answer { error: Some(error) },
+            map_faults: map_faults.clone(),
+            span: span.clone(),
+        };
+        if let Some(error) = self.ready_error.take() {
+            return answer(error);
+        }
+        let start = match &self.deadline {
+            Some(config) => config.start(&mut req),
+            None => Start::Untimed,
+        };
+        let timer = match start {
+            Start::Untimed => None,
+            Start::Spent => return answer(DeadlineExceeded::before_start().into()),
+            Start::Timed { at, .. } => Some(deadline::Timer::new(at)),
+        };
+        let permit = match &mut self.limit {
+            Some(limit) if limit.shed => return answer(Overloaded::new().into()),
+            Some(limit) => limit.permit.take(),
+            None => None,
+        };
+        let fut = {
+            let _shared = start.share();
             self.inner.call(req)
         };
         ResponseFuture {
-            inner,
+            state: State::Called { fut, timer, permit },
+            map_faults,
             span,
-            _body: PhantomData,
         }
     }
 }
@@ -242,9 +350,27 @@ pin_project! {
         B: Body,
     {
         #[pin]
-        inner: <Stack<S, P> as Service<Request<B>>>::Future,
+        state: State<<Retried<S, P> as Service<Request<B>>>::Future>,
+        // The fault answers' settings, with the request's gRPC flag folded in.
+        map_faults: map_faults::Config,
         span: tracing::Span,
-        _body: PhantomData<fn() -> ResB>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Called {
+            #[pin]
+            fut: F,
+            timer: Option<deadline::Timer>,
+            // Released when the answer is ready.
+            permit: Option<OwnedSemaphorePermit>,
+        },
+        // Answered without calling the retry: a `poll_ready` error, a spent deadline, shed.
+        Answer {
+            error: Option<BoxError>,
+        },
     }
 }
 
@@ -269,17 +395,28 @@ where
 {
     type Output = Result<Response<FaultBody<ResB>>, Infallible>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if this.span.is_disabled() {
-            return this.inner.poll(cx);
+        let _entered = (!this.span.is_disabled()).then(|| this.span.enter());
+        let result = match this.state.project() {
+            StateProj::Called { fut, timer, permit } => {
+                let result = match timer {
+                    Some(timer) => ready!(timer.poll(fut, cx)),
+                    None => ready!(fut.poll(cx)),
+                };
+                drop(permit.take());
+                result
+            }
+            StateProj::Answer { error } => Err(error
+                .take()
+                .expect("ResponseFuture polled after completion")),
+        };
+        let res = map_faults::answer(this.map_faults, result);
+        if !this.span.is_disabled() {
+            record(this.span, &res);
         }
-        let _entered = this.span.enter();
-        let out = std::task::ready!(this.inner.poll(cx));
-        if let Ok(res) = &out {
-            record(this.span, res);
-        }
-        Poll::Ready(out)
+        Poll::Ready(Ok(res))
     }
 }
 
@@ -309,7 +446,7 @@ fn record<B>(span: &tracing::Span, res: &Response<B>) {
 pub struct UpstreamLayer<P = DefaultPolicy> {
     map_faults: MapFaultsLayer,
     deadline: Option<DeadlineLayer>,
-    limit: Option<GlobalConcurrencyLimitLayer>,
+    limit: Option<Arc<Semaphore>>,
     retry: RetryLayer<P>,
     retrying: bool,
     breaker: Option<CircuitBreakerLayer>,
@@ -382,16 +519,24 @@ impl<S, P> Layer<S> for UpstreamLayer<P> {
     type Service = Upstream<S, P>;
 
     fn layer(&self, inner: S) -> Upstream<S, P> {
-        let timed = Opt::new(self.attempt_timeout.as_ref(), inner);
-        let broken = Opt::new(self.breaker.as_ref(), timed);
-        let retried = self.retry.layer(broken);
-        let limited = match &self.limit {
-            Some(limit) => Opt::On(LoadShed::new(limit.layer(retried))),
-            None => Opt::Off(retried),
+        let timed = match &self.attempt_timeout {
+            Some(layer) => layer.layer(inner),
+            None => AttemptTimeout::off(inner),
         };
-        let timely = Opt::new(self.deadline.as_ref(), limited);
+        let broken = match &self.breaker {
+            Some(layer) => layer.layer(timed),
+            None => CircuitBreaker::off(timed),
+        };
         Upstream {
-            inner: self.map_faults.layer(timely),
+            inner: self.retry.layer(broken),
+            map_faults: self.map_faults.config().clone(),
+            ready_error: ReadyError::default(),
+            deadline: self.deadline.as_ref().map(|l| l.config().clone()),
+            limit: self.limit.as_ref().map(|semaphore| Limit {
+                semaphore: semaphore.clone(),
+                permit: None,
+                shed: false,
+            }),
         }
     }
 }
@@ -477,9 +622,9 @@ impl<P> UpstreamBuilder<P> {
     }
 
     /// At most `max` requests in flight through every service of the layer together (at
-    /// least 1); a request over the limit is not queued but answered 503
-    /// `connection_limit_reached` at once (tower's `ConcurrencyLimit` + `LoadShed`). Off
-    /// by default.
+    /// least 1, at most tokio's `Semaphore::MAX_PERMITS`); a request over the limit is
+    /// not queued but answered 503 `connection_limit_reached` at once (as tower's
+    /// `ConcurrencyLimit` under `LoadShed`). Off by default.
     pub fn concurrency_limit(mut self, max: usize) -> Self {
         self.limit = Some(max);
         self
@@ -566,7 +711,7 @@ impl<P> UpstreamBuilder<P> {
     /// # Errors
     ///
     /// A [`ConfigError`] naming the field and the bad value: `deadline.timeout` or
-    /// `attempt_timeout.timeout` of zero, `concurrency_limit` of zero, or whatever a
+    /// `attempt_timeout.timeout` of zero, `concurrency_limit` of zero or too large, or whatever a
     /// default layer's own builder rejects.
     pub fn build(self) -> Result<UpstreamLayer<P>, ConfigError> {
         let classifier = self.classifier;
@@ -578,8 +723,15 @@ impl<P> UpstreamBuilder<P> {
             },
         };
         let deadline = match self.deadline {
-            Part::Default => Some(DeadlineLayer::new(DEFAULT_DEADLINE)),
-            Part::Duration(d) => Some(DeadlineLayer::builder().timeout(d).build()?),
+            // The stack's own deadline travels privately (no extension, see the module
+            // docs); a layer passed in behaves as it would alone.
+            Part::Default => Some(DeadlineLayer::new(DEFAULT_DEADLINE).without_extension()),
+            Part::Duration(d) => Some(
+                DeadlineLayer::builder()
+                    .timeout(d)
+                    .build()?
+                    .without_extension(),
+            ),
             Part::Layer(layer) => Some(layer),
             Part::Off => None,
         };
@@ -590,7 +742,13 @@ impl<P> UpstreamBuilder<P> {
                     "must be at least 1 (got 0)",
                 ))
             }
-            Some(max) => Some(GlobalConcurrencyLimitLayer::new(max)),
+            Some(max) if max > Semaphore::MAX_PERMITS => {
+                return Err(ConfigError::new(
+                    "concurrency_limit",
+                    format!("must be at most {} (got {max})", Semaphore::MAX_PERMITS),
+                ))
+            }
+            Some(max) => Some(Arc::new(Semaphore::new(max))),
             None => None,
         };
         let breaker = match self.breaker {
@@ -636,76 +794,6 @@ impl<P> fmt::Debug for UpstreamBuilder<P> {
     }
 }
 
-/// An optional layer's service: the layer's, or the inner service as is (its error boxed).
-#[derive(Clone, Debug)]
-enum Opt<A, B> {
-    On(A),
-    Off(B),
-}
-
-impl<A, B> Opt<A, B> {
-    fn new<L: Layer<B, Service = A>>(layer: Option<&L>, inner: B) -> Self {
-        match layer {
-            Some(layer) => Opt::On(layer.layer(inner)),
-            None => Opt::Off(inner),
-        }
-    }
-}
-
-impl<A, B, R> Service<R> for Opt<A, B>
-where
-    A: Service<R>,
-    A::Error: Into<BoxError>,
-    B: Service<R, Response = A::Response>,
-    B::Error: Into<BoxError>,
-{
-    type Response = A::Response;
-    type Error = BoxError;
-    type Future = OptFuture<A::Future, B::Future>;
-
-    #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        match self {
-            Opt::On(s) => s.poll_ready(cx).map_err(Into::into),
-            Opt::Off(s) => s.poll_ready(cx).map_err(Into::into),
-        }
-    }
-
-    #[inline]
-    fn call(&mut self, req: R) -> Self::Future {
-        match self {
-            Opt::On(s) => OptFuture::On { f: s.call(req) },
-            Opt::Off(s) => OptFuture::Off { f: s.call(req) },
-        }
-    }
-}
-
-pin_project! {
-    #[project = OptProj]
-    enum OptFuture<A, B> {
-        On { #[pin] f: A },
-        Off { #[pin] f: B },
-    }
-}
-
-impl<A, B, T, EA, EB> Future for OptFuture<A, B>
-where
-    A: Future<Output = Result<T, EA>>,
-    B: Future<Output = Result<T, EB>>,
-    EA: Into<BoxError>,
-    EB: Into<BoxError>,
-{
-    type Output = Result<T, BoxError>;
-
-    #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            OptProj::On { f } => f.poll(cx).map_err(Into::into),
-            OptProj::Off { f } => f.poll(cx).map_err(Into::into),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -731,6 +819,19 @@ mod tests {
                 http_body_util::Full<bytes::Bytes>,
             >,
         >();
+    }
+
+    #[test]
+    fn a_limit_too_large_for_a_semaphore_is_a_config_error() {
+        let err = Upstream::builder()
+            .concurrency_limit(usize::MAX)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "concurrency_limit");
+        assert!(Upstream::builder()
+            .concurrency_limit(Semaphore::MAX_PERMITS)
+            .build()
+            .is_ok());
     }
 
     #[test]

@@ -89,7 +89,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -148,6 +148,22 @@ impl<S> CircuitBreaker<S> {
         CircuitBreaker {
             inner,
             shared: layer.shared.clone(),
+        }
+    }
+
+    /// A pass-through (inside `Upstream` without a breaker), so that the stack's type and
+    /// its futures' layout do not depend on the configuration: one disabled breaker, made
+    /// once for the process, shared by every such service.
+    pub(crate) fn off(inner: S) -> Self {
+        static OFF: OnceLock<Arc<Shared>> = OnceLock::new();
+        let shared = OFF.get_or_init(|| {
+            let shared = CircuitBreakerLayer::new().shared;
+            shared.mode.store(DISABLED, Relaxed);
+            shared
+        });
+        CircuitBreaker {
+            inner,
+            shared: shared.clone(),
         }
     }
 

@@ -12,9 +12,17 @@
 //! between attempts (no attempt timeout is polled), the deadline arms its own timer.
 //!
 //! The same thread-local trick saves a clock read: while a `Deadline` calls its inner
-//! service, it [shares](SharedNow) the instant it read, and layers called synchronously below
-//! it (an `AttemptTimeout`, a nested `Deadline`) use that instead of reading the clock again.
-//! An attempt started later (a retry's, from a poll) reads the clock itself.
+//! service, it [shares](Shared) the instant it read, and layers called synchronously below
+//! it (a `Retry`'s budget, an `AttemptTimeout`, a nested `Deadline`) use that instead of
+//! reading the clock again. An attempt started later (a retry's, from a poll) reads the clock
+//! itself.
+//!
+//! Inside [`Upstream`](crate::Upstream), where every layer between the deadline and the
+//! attempt is the crate's own and calls the next synchronously, the deadline itself travels
+//! the same way instead of as a [`RequestDeadline`](super::RequestDeadline) extension (whose
+//! insertion and copy by the retry cost four allocations per request): the `Deadline` shares
+//! it for the duration of its `call`, the `Retry` keeps it and shares it again around each
+//! later attempt's `call`, and the `AttemptTimeout` reads it.
 
 use std::cell::Cell;
 
@@ -30,35 +38,54 @@ enum Slot {
     Covered,
 }
 
+/// What a layer above shares with the layers it calls synchronously.
+#[derive(Clone, Copy)]
+struct Call {
+    /// A clock reading taken by the caller just before.
+    now: Option<Instant>,
+    /// The request's deadline, when it travels without an extension.
+    deadline: Option<Instant>,
+}
+
 thread_local! {
     static SLOT: Cell<Slot> = const { Cell::new(Slot::Idle) };
-    static NOW: Cell<Option<Instant>> = const { Cell::new(None) };
+    static CALL: Cell<Call> = const { Cell::new(Call { now: None, deadline: None }) };
 }
 
-/// Shares a clock reading with the layers called below, for the duration of one `call`.
-pub(crate) struct SharedNow {
-    prev: Option<Instant>,
+/// Shares a clock reading (and maybe the request's deadline) with the layers called below,
+/// for the duration of one `call`; restores what was shared before when dropped.
+pub(crate) struct Shared {
+    prev: Call,
 }
 
-impl SharedNow {
-    /// Shares `now` until dropped.
-    pub(crate) fn share(now: Instant) -> SharedNow {
-        SharedNow {
-            prev: NOW.with(|n| n.replace(Some(now))),
+impl Shared {
+    /// Shares `now` and `deadline` until dropped.
+    #[inline]
+    pub(crate) fn share(now: Option<Instant>, deadline: Option<Instant>) -> Shared {
+        Shared {
+            prev: CALL.with(|c| c.replace(Call { now, deadline })),
         }
     }
 }
 
-impl Drop for SharedNow {
+impl Drop for Shared {
+    #[inline]
     fn drop(&mut self) {
-        NOW.with(|n| n.set(self.prev));
+        CALL.with(|c| c.set(self.prev));
     }
 }
 
 /// The current instant: the one a layer above shared, if it is calling us right now, or a
 /// fresh clock reading.
+#[inline]
 pub(crate) fn now() -> Instant {
-    NOW.with(Cell::get).unwrap_or_else(Instant::now)
+    CALL.with(Cell::get).now.unwrap_or_else(Instant::now)
+}
+
+/// The deadline a layer above shared without an extension, if it is calling us right now.
+#[inline]
+pub(crate) fn deadline() -> Option<Instant> {
+    CALL.with(Cell::get).deadline
 }
 
 /// One question, asked for the duration of one poll. Restores the previous slot when done
@@ -111,15 +138,19 @@ mod tests {
     fn shared_now_is_scoped() {
         let t = Instant::now() - Duration::from_secs(10);
         {
-            let _outer = SharedNow::share(t);
+            let _outer = Shared::share(Some(t), Some(t + Duration::from_secs(3)));
             assert_eq!(now(), t);
+            assert_eq!(deadline(), Some(t + Duration::from_secs(3)));
             {
-                let _inner = SharedNow::share(t + Duration::from_secs(1));
+                let _inner = Shared::share(Some(t + Duration::from_secs(1)), None);
                 assert_eq!(now(), t + Duration::from_secs(1));
+                assert_eq!(deadline(), None);
             }
             assert_eq!(now(), t);
+            assert_eq!(deadline(), Some(t + Duration::from_secs(3)));
         }
         assert!(now() > t + Duration::from_secs(5));
+        assert_eq!(deadline(), None);
     }
 
     #[test]

@@ -33,10 +33,7 @@ pin_project! {
         Timed {
             #[pin]
             inner: F,
-            at: Instant,
-            // Boxed: needed only while no timer below covers the deadline (a retry's
-            // back-off, no attempt timeout), so the common future stays small.
-            sleep: Option<Pin<Box<Sleep>>>,
+            timer: Timer,
         },
         Untimed {
             #[pin]
@@ -51,8 +48,7 @@ impl<F> ResponseFuture<F> {
         ResponseFuture {
             kind: Kind::Timed {
                 inner,
-                at,
-                sleep: None,
+                timer: Timer::new(at),
             },
         }
     }
@@ -72,9 +68,9 @@ impl<F> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("ResponseFuture");
         match &self.kind {
-            Kind::Timed { at, sleep, .. } => {
-                d.field("deadline", at).field("own_timer", &sleep.is_some())
-            }
+            Kind::Timed { timer, .. } => d
+                .field("deadline", &timer.at)
+                .field("own_timer", &timer.sleep.is_some()),
             Kind::Untimed { .. } => d.field("deadline", &None::<Instant>),
             Kind::Spent => d.field("spent", &true),
         };
@@ -91,28 +87,55 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Timed { inner, at, sleep } => {
-                let at = *at;
-                let ask = cover::Ask::start(at);
-                let res = inner.poll(cx);
-                let covered = ask.finish();
-                if let Poll::Ready(res) = res {
-                    return Poll::Ready(res.map_err(Into::into));
-                }
-                if !covered && sleep.is_none() {
-                    *sleep = Some(Box::pin(sleep_until(at)));
-                }
-                if let Some(sleep) = sleep {
-                    if sleep.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Err(DeadlineExceeded::in_flight().into()));
-                    }
-                }
-                // This task will be woken by `at`: tell a deadline above, if one asks.
-                cover::answer(at);
-                Poll::Pending
-            }
+            KindProj::Timed { inner, timer } => timer.poll(inner, cx),
             KindProj::Untimed { inner } => inner.poll(cx).map_err(Into::into),
             KindProj::Spent => Poll::Ready(Err(DeadlineExceeded::before_start().into())),
         }
+    }
+}
+
+/// A deadline's timer: fails the inner future with [`DeadlineExceeded`] once `at` has
+/// passed. Its own `Sleep` is made only once the inner future has returned `Pending`
+/// without a timer below covering `at` (see [`cover`]), and boxed: that keeps the future
+/// small in the common stack (deadline over attempt timeout), where it is never needed.
+pub(crate) struct Timer {
+    at: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl Timer {
+    pub(crate) fn new(at: Instant) -> Self {
+        Timer { at, sleep: None }
+    }
+
+    /// Polls `inner` under the deadline.
+    #[inline]
+    pub(crate) fn poll<F, T, E>(
+        &mut self,
+        inner: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<T, BoxError>>
+    where
+        F: Future<Output = Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        let at = self.at;
+        let ask = cover::Ask::start(at);
+        let res = inner.poll(cx);
+        let covered = ask.finish();
+        if let Poll::Ready(res) = res {
+            return Poll::Ready(res.map_err(Into::into));
+        }
+        if !covered && self.sleep.is_none() {
+            self.sleep = Some(Box::pin(sleep_until(at)));
+        }
+        if let Some(sleep) = &mut self.sleep {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(DeadlineExceeded::in_flight().into()));
+            }
+        }
+        // This task will be woken by `at`: tell a deadline above, if one asks.
+        cover::answer(at);
+        Poll::Pending
     }
 }

@@ -27,6 +27,19 @@ impl DeadlineLayer {
     pub fn builder() -> DeadlineBuilder {
         DeadlineBuilder::default()
     }
+
+    /// What the layer does, for `Upstream`, which applies it itself.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The same layer, but the deadline reaches the layers below through [`super::cover`]
+    /// instead of a `RequestDeadline` extension: only for stacks where every layer below
+    /// that needs it is the crate's own and called synchronously (`Upstream`).
+    pub(crate) fn without_extension(mut self) -> Self {
+        self.config.extension = false;
+        self
+    }
 }
 
 impl fmt::Debug for DeadlineLayer {
@@ -166,6 +179,7 @@ impl DeadlineBuilder {
                 grpc_timeout: self.grpc_timeout,
                 header,
                 propagate: self.propagate,
+                extension: true,
             },
         })
     }

@@ -83,6 +83,8 @@ mod layer;
 
 pub(crate) mod cover;
 
+pub(crate) use self::future::Timer;
+
 use std::fmt;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -203,11 +205,14 @@ impl HeaderUnit {
 
 /// What a [`Deadline`] does; made by [`DeadlineBuilder`].
 #[derive(Clone, Debug)]
-struct Config {
+pub(crate) struct Config {
     timeout: Option<Duration>,
     grpc_timeout: bool,
     header: Option<(HeaderName, HeaderUnit)>,
     propagate: bool,
+    /// Whether the deadline goes into the request's extensions (always, but inside
+    /// `Upstream`, where it travels privately: see [`cover`]).
+    extension: bool,
 }
 
 impl Config {
@@ -217,6 +222,99 @@ impl Config {
             grpc_timeout: true,
             header: None,
             propagate: true,
+            extension: true,
+        }
+    }
+
+    /// The deadline this layer gives a request (before any earlier one is considered), if any.
+    fn deadline_of<B>(&self, req: &Request<B>, now: Instant) -> Option<Instant> {
+        let mut at = self.timeout.map(|t| saturating_add(now, t));
+        let mut cap = |t: Duration| {
+            let t = saturating_add(now, t);
+            at = Some(at.map_or(t, |at| at.min(t)));
+        };
+        if self.grpc_timeout {
+            if let Some(t) = grpc::timeout_of(req.headers()) {
+                cap(t);
+            }
+        }
+        if let Some((name, unit)) = &self.header {
+            if let Some(value) = req.headers().get(name) {
+                match unit.parse(value) {
+                    Some(t) => cap(t),
+                    None => {
+                        tracing::debug!(header = %name, ?value, "ignoring malformed timeout header")
+                    }
+                }
+            }
+        }
+        at
+    }
+
+    /// Gives a request its deadline, as the layer's `call` does before calling the inner
+    /// service: stores it (in the extensions, unless it travels privately), propagates the
+    /// remaining time. Call the inner service only on [`Start::Timed`] (within
+    /// [`Start::share`]) or [`Start::Untimed`].
+    #[inline]
+    pub(crate) fn start<B>(&self, req: &mut Request<B>) -> Start {
+        let now = cover::now();
+        let own = self.deadline_of(req, now);
+        let earlier = RequestDeadline::of(req).map(|d| d.instant());
+        let (at, ours) = match (own, earlier) {
+            (None, None) => return Start::Untimed,
+            (Some(at), None) => (at, true),
+            (Some(at), Some(earlier)) if at < earlier => (at, true),
+            (_, Some(earlier)) => (earlier, false),
+        };
+        if at <= now {
+            return Start::Spent;
+        }
+        if ours && self.extension {
+            req.extensions_mut().insert(RequestDeadline::at(at));
+        }
+        if self.propagate {
+            if grpc::is_grpc(req.headers()) {
+                req.headers_mut()
+                    .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(at - now));
+            }
+            if let Some((name, unit)) = &self.header {
+                req.headers_mut()
+                    .insert(name.clone(), unit.encode(at - now));
+            }
+        }
+        Start::Timed {
+            at,
+            now,
+            private: !self.extension,
+        }
+    }
+}
+
+/// What [`Config::start`] made of a request.
+pub(crate) enum Start {
+    /// No deadline: call the inner service as is.
+    Untimed,
+    /// The deadline has already passed: answer [`DeadlineExceeded::before_start`].
+    Spent,
+    /// A deadline at `at`, read at `now`.
+    Timed {
+        at: Instant,
+        now: Instant,
+        /// The deadline travels privately (see [`cover`]).
+        private: bool,
+    },
+}
+
+impl Start {
+    /// What the layers called below may read while the inner service is called: the clock
+    /// reading and, if it travels privately, the deadline. Keep it until the call returns.
+    #[inline]
+    pub(crate) fn share(&self) -> Option<cover::Shared> {
+        match *self {
+            Start::Timed { at, now, private } => {
+                Some(cover::Shared::share(Some(now), private.then_some(at)))
+            }
+            _ => None,
         }
     }
 }
@@ -259,32 +357,6 @@ impl<S> Deadline<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
-
-    /// The deadline this layer gives a request (before any earlier one is considered), if any.
-    fn deadline_of<B>(&self, req: &Request<B>, now: Instant) -> Option<Instant> {
-        let config = &self.config;
-        let mut at = config.timeout.map(|t| saturating_add(now, t));
-        let mut cap = |t: Duration| {
-            let t = saturating_add(now, t);
-            at = Some(at.map_or(t, |at| at.min(t)));
-        };
-        if config.grpc_timeout {
-            if let Some(t) = grpc::timeout_of(req.headers()) {
-                cap(t);
-            }
-        }
-        if let Some((name, unit)) = &config.header {
-            if let Some(value) = req.headers().get(name) {
-                match unit.parse(value) {
-                    Some(t) => cap(t),
-                    None => {
-                        tracing::debug!(header = %name, ?value, "ignoring malformed timeout header")
-                    }
-                }
-            }
-        }
-        at
-    }
 }
 
 impl<S: fmt::Debug> fmt::Debug for Deadline<S> {
@@ -312,37 +384,16 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let now = cover::now();
-        let own = self.deadline_of(&req, now);
-        let earlier = RequestDeadline::of(&req).map(|d| d.instant());
-        let at = match (own, earlier) {
-            (None, None) => return future::ResponseFuture::untimed(self.inner.call(req)),
-            (Some(at), None) => {
-                req.extensions_mut().insert(RequestDeadline::at(at));
-                at
-            }
-            (Some(at), Some(earlier)) if at < earlier => {
-                req.extensions_mut().insert(RequestDeadline::at(at));
-                at
-            }
-            (_, Some(earlier)) => earlier,
-        };
-        if at <= now {
-            return future::ResponseFuture::spent();
-        }
-        if self.config.propagate {
-            let remaining = at - now;
-            if grpc::is_grpc(req.headers()) {
-                req.headers_mut()
-                    .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(remaining));
-            }
-            if let Some((name, unit)) = &self.config.header {
-                req.headers_mut()
-                    .insert(name.clone(), unit.encode(remaining));
+        let start = self.config.start(&mut req);
+        match start {
+            Start::Untimed => future::ResponseFuture::untimed(self.inner.call(req)),
+            Start::Spent => future::ResponseFuture::spent(),
+            Start::Timed { at, .. } => {
+                let _shared = start.share();
+                future::ResponseFuture::timed(self.inner.call(req), at)
             }
         }
-        let _shared = cover::SharedNow::share(now);
-        future::ResponseFuture::timed(self.inner.call(req), at)
     }
 }

@@ -69,39 +69,43 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let grpc = this.config.is_grpc();
-        let view = this.config.view();
         let result = match this.state.project() {
-            StateProj::Called { future } => ready!(future.poll(cx)),
-            StateProj::Failed { error } => {
-                let err = error
-                    .take()
-                    .expect("ResponseFuture polled after completion");
-                return Poll::Ready(Ok(view.fault_response(&*err, grpc)));
-            }
+            StateProj::Called { future } => ready!(future.poll(cx)).map_err(Into::into),
+            StateProj::Failed { error } => Err(error
+                .take()
+                .expect("ResponseFuture polled after completion")),
         };
-        Poll::Ready(Ok(match result {
-            Ok(res) => {
-                if view.settings.rewrite_upstream_5xx && !grpc && res.status().is_server_error() {
-                    tracing::debug!(
-                        status = res.status().as_u16(),
-                        "rewriting upstream 5xx answer"
-                    );
-                    view.rewrite_upstream(&res)
-                } else {
-                    let mut res = res;
-                    if grpc {
-                        // A gRPC body may have to end early with UNAVAILABLE trailers; a
-                        // content-length would make that a protocol error.
-                        res.headers_mut().remove(http::header::CONTENT_LENGTH);
-                    }
-                    res.map(|body| FaultBody::upstream(body, grpc))
+        Poll::Ready(Ok(answer(this.config, result)))
+    }
+}
+
+/// The answer to an outcome: the upstream's response (wrapped, maybe rewritten), or the
+/// fault's. `config` has the request's gRPC flag folded in ([`Config::for_request`]).
+#[inline]
+pub(crate) fn answer<B>(
+    config: &Config,
+    result: Result<Response<B>, BoxError>,
+) -> Response<FaultBody<B>> {
+    let grpc = config.is_grpc();
+    let view = config.view();
+    match result {
+        Ok(res) => {
+            if view.settings.rewrite_upstream_5xx && !grpc && res.status().is_server_error() {
+                tracing::debug!(
+                    status = res.status().as_u16(),
+                    "rewriting upstream 5xx answer"
+                );
+                view.rewrite_upstream(&res)
+            } else {
+                let mut res = res;
+                if grpc {
+                    // A gRPC body may have to end early with UNAVAILABLE trailers; a
+                    // content-length would make that a protocol error.
+                    res.headers_mut().remove(http::header::CONTENT_LENGTH);
                 }
+                res.map(|body| FaultBody::upstream(body, grpc))
             }
-            Err(err) => {
-                let err: BoxError = err.into();
-                view.fault_response(&*err, grpc)
-            }
-        }))
+        }
+        Err(err) => view.fault_response(&*err, grpc),
     }
 }

@@ -31,6 +31,11 @@ impl MapFaultsLayer {
         MapFaultsLayer::default()
     }
 
+    /// The settings, for `Upstream`, which answers faults itself.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// A builder for a layer with other settings.
     pub fn builder() -> MapFaultsLayerBuilder {
         MapFaultsLayerBuilder {

@@ -90,9 +90,10 @@ use tower::BoxError;
 use tower_service::Service;
 
 pub use self::body::FaultBody;
+pub(crate) use self::future::answer;
 pub use self::future::ResponseFuture;
 pub use self::layer::{MapFaultsLayer, MapFaultsLayerBuilder};
-use self::response::Config;
+pub(crate) use self::response::Config;
 pub use self::response::Problem;
 use crate::grpc;
 
@@ -109,11 +110,39 @@ pub struct MapFaults<S> {
 /// A `poll_ready` error kept for the next call; `Clone` so the service stays `Clone`
 /// (a clone does not inherit it).
 #[derive(Debug, Default)]
-struct ReadyError(Option<BoxError>);
+pub(crate) struct ReadyError(Option<BoxError>);
 
 impl Clone for ReadyError {
     fn clone(&self) -> Self {
         ReadyError(None)
+    }
+}
+
+impl ReadyError {
+    /// Polls an inner service ready unless an error is already kept; keeps the error it
+    /// returns. Ready (with nothing to report) once the next call has something to answer.
+    #[inline]
+    pub(crate) fn poll_ready<E: Into<BoxError>>(
+        &mut self,
+        poll: impl FnOnce() -> Poll<Result<(), E>>,
+    ) -> Poll<Result<(), Infallible>> {
+        if self.0.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        match poll() {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(err)) => {
+                self.0 = Some(err.into());
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// The kept error, for the call that answers it.
+    #[inline]
+    pub(crate) fn take(&mut self) -> Option<BoxError> {
+        self.0.take()
     }
 }
 
@@ -157,22 +186,14 @@ where
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        if self.ready_error.0.is_some() {
-            return Poll::Ready(Ok(()));
-        }
-        match self.inner.poll_ready(cx) {
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
-            Poll::Ready(Err(err)) => {
-                self.ready_error = ReadyError(Some(err.into()));
-                Poll::Ready(Ok(()))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        let inner = &mut self.inner;
+        self.ready_error.poll_ready(|| inner.poll_ready(cx))
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let grpc = grpc::is_grpc(req.headers());
-        if let Some(err) = self.ready_error.0.take() {
+        if let Some(err) = self.ready_error.take() {
             return ResponseFuture::failed(err, self.config.for_request(grpc));
         }
         ResponseFuture::called(self.inner.call(req), self.config.for_request(grpc))

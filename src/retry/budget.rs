@@ -13,7 +13,7 @@ use crate::error::ConfigError;
 /// Number of time slots the window is split into.
 const SLOTS: usize = 10;
 /// Number of stripes the counters are spread over, so that cores don't share a cache line.
-const STRIPES: usize = 8;
+pub(crate) const STRIPES: usize = 8;
 /// Fixed-point scale: one retry is worth `PPM` units; a first attempt deposits
 /// `ratio × PPM` units (rounded to the nearest unit).
 const PPM: i128 = 1_000_000;
@@ -33,6 +33,14 @@ const MIN_RATIO: f64 = 1.0 / PPM as f64;
 /// deposits), retries in one row of atomics (only failing requests withdraw). The
 /// arithmetic is in integers scaled by 10⁶, so any ratio in (0, 10] is exact to a millionth
 /// (tower's `TpsBudget` over-allocates for fractional ratios, tower#857).
+///
+/// A deposit does not read the clock: each stripe counts its deposits in a batch stamped
+/// with the time of the batch's first deposit, and only every 16th deposit of a stripe
+/// reads the clock to start a new batch. A deposit is thus dated no later than it happened:
+/// it may leave the window early, never late, so the budget never allows more than its
+/// configuration says. (A thread that deposits less than 16 times per window has its later
+/// deposits dated too early, and mostly lost; at such rates the per-second floor is what
+/// allows retries anyway.)
 ///
 /// A budget is cheap to clone (an `Arc`); clones share the same state. Every `layer()` call
 /// of one [`RetryLayer`](super::RetryLayer) uses the budget made at `build()`.
@@ -62,6 +70,9 @@ pub struct RetryBudget {
     inner: Arc<Inner>,
 }
 
+/// Deposits a stripe counts in one batch before it reads the clock again.
+const BATCH: u64 = 16;
+
 /// One cache line (two on CPUs with 64-byte lines, which prefetch in pairs) of counters.
 #[repr(align(128))]
 struct Slots([AtomicU64; SLOTS]);
@@ -69,6 +80,23 @@ struct Slots([AtomicU64; SLOTS]);
 impl Slots {
     fn new() -> Self {
         Slots(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+/// One stripe of first attempts: its slots, and the batch being counted (same word layout,
+/// tag = the tick of the batch's first deposit), on the stripe's own cache line(s).
+#[repr(align(128))]
+struct Stripe {
+    slots: [AtomicU64; SLOTS],
+    batch: AtomicU64,
+}
+
+impl Stripe {
+    fn new() -> Self {
+        Stripe {
+            slots: std::array::from_fn(|_| AtomicU64::new(0)),
+            batch: AtomicU64::new(0),
+        }
     }
 }
 
@@ -83,8 +111,9 @@ struct Inner {
     min_per_second: u32,
     window: Duration,
     /// Per stripe, per slot: tag (tick, high 32 bits) and count of first attempts (low 32
-    /// bits). Every request deposits, so each thread writes its own stripe.
-    firsts: Box<[Slots]>,
+    /// bits), and the batch being counted. Every request deposits, so each thread writes its
+    /// own stripe.
+    firsts: Box<[Stripe]>,
     /// Per slot: tag and count of retries. Only failing requests write here.
     retries: Slots,
     exhausted: AtomicU64,
@@ -96,12 +125,64 @@ impl RetryBudget {
         RetryBudgetBuilder::default()
     }
 
-    /// Records a first attempt, which earns `ratio` of a retry.
+    /// Records a first attempt, which earns `ratio` of a retry. Reads the clock only once
+    /// per 16 deposits of a thread (see above).
     #[inline]
     pub fn deposit(&self) {
-        let tick = self.inner.tick();
-        let stripe = &self.inner.firsts[stripe_index()];
-        add(&stripe.0[tick as usize % SLOTS], tick as u32);
+        self.deposit_in(stripe_index(), Instant::now);
+    }
+
+    /// [`deposit`](Self::deposit) in this thread's stripe (from [`stripe_index`]); `now` is
+    /// called only when a new batch starts.
+    #[inline]
+    pub(crate) fn deposit_in(&self, stripe: usize, now: impl FnOnce() -> Instant) {
+        let stripe = &self.inner.firsts[stripe];
+        let mut cur = stripe.batch.load(Ordering::Relaxed);
+        let count = cur & COUNT_MASK;
+        if count != 0 && count < BATCH {
+            // The batch goes on: no clock. (A racing thread of this stripe may have started
+            // a newer batch: then this deposit is dated later, by less than one batch.)
+            match stripe.batch.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
+        self.new_batch(stripe, cur, now());
+    }
+
+    /// Starts a batch at `now` with this deposit, and files the batch it replaces.
+    #[inline(never)]
+    fn new_batch(&self, stripe: &Stripe, mut cur: u64, now: Instant) {
+        let tick = self.inner.tick_at(now) as u32;
+        let fresh = (u64::from(tick) << 32) | 1;
+        loop {
+            let count = cur & COUNT_MASK;
+            // Another thread of the stripe just started a batch this tick: join it.
+            let next = if tag_of(cur) == tick && count != 0 && count < BATCH {
+                cur + 1
+            } else {
+                fresh
+            };
+            match stripe.batch.compare_exchange_weak(
+                cur,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) if next == fresh && count != 0 => {
+                    let tag = tag_of(cur);
+                    add_n(&stripe.slots[tag as usize % SLOTS], tag, count);
+                    return;
+                }
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
     }
 
     /// Takes one retry from the budget; `false` (and the [`exhausted`](Self::exhausted)
@@ -171,7 +252,12 @@ impl fmt::Debug for RetryBudget {
 impl Inner {
     #[inline]
     fn tick(&self) -> u64 {
-        let elapsed = Instant::now().saturating_duration_since(self.origin);
+        self.tick_at(Instant::now())
+    }
+
+    #[inline]
+    fn tick_at(&self, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.origin);
         let ms = elapsed
             .as_secs()
             .saturating_mul(1000)
@@ -187,7 +273,7 @@ impl Inner {
         // Only stripes some thread was given can hold counts.
         let used = NEXT_STRIPE.load(Ordering::Relaxed).min(STRIPES);
         for stripe in &self.firsts[..used] {
-            for slot in &stripe.0 {
+            for slot in stripe.slots.iter().chain([&stripe.batch]) {
                 firsts += i128::from(count_if_live(slot, tick));
             }
         }
@@ -234,6 +320,27 @@ fn add(slot: &AtomicU64, tick: u32) {
     }
 }
 
+/// Adds a filed batch of `n` dated `tick` to its slot: to its count if the slot holds that
+/// tick, replacing the slot if it holds an older one, and not at all if it holds a newer
+/// one (same slot, so at least a window newer: the batch has left the window).
+fn add_n(slot: &AtomicU64, tick: u32, n: u64) {
+    let mut cur = slot.load(Ordering::Relaxed);
+    loop {
+        let tag = tag_of(cur);
+        let new = if tag == tick {
+            (cur & !COUNT_MASK) | ((cur & COUNT_MASK) + n).min(COUNT_MASK)
+        } else if (tag.wrapping_sub(tick) as i32) > 0 {
+            return;
+        } else {
+            (u64::from(tick) << 32) | n
+        };
+        match slot.compare_exchange_weak(cur, new, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
 /// Takes one back from a slot, if it still holds `tick`.
 fn sub(slot: &AtomicU64, tick: u32) {
     let mut cur = slot.load(Ordering::Relaxed);
@@ -248,8 +355,9 @@ fn sub(slot: &AtomicU64, tick: u32) {
 /// Stripes handed out so far (to threads, round robin).
 static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
 
+/// The calling thread's stripe, below [`STRIPES`].
 #[inline]
-fn stripe_index() -> usize {
+pub(crate) fn stripe_index() -> usize {
     thread_local! {
         static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
     }
@@ -321,7 +429,7 @@ impl RetryBudgetBuilder {
             ));
         }
         let window_ms = self.window.as_millis() as u64;
-        let firsts = (0..STRIPES).map(|_| Slots::new()).collect();
+        let firsts = (0..STRIPES).map(|_| Stripe::new()).collect();
         Ok(RetryBudget {
             inner: Arc::new(Inner {
                 // Tick 0 starts now; a word of 0 (tag 0, count 0) counts nothing either way.
@@ -405,6 +513,34 @@ mod tests {
         assert_eq!(b.balance(), 5);
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!(b.balance(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_is_dated_by_its_first_deposit() {
+        let b = budget(1.0, 0);
+        b.deposit(); // starts a batch at t = 0
+        tokio::time::advance(Duration::from_secs(9)).await;
+        for _ in 1..BATCH {
+            b.deposit(); // same batch, no clock: dated t = 0
+        }
+        assert_eq!(b.balance(), BATCH);
+        b.deposit(); // the 17th starts a batch at t = 9 and files the first
+        assert_eq!(b.balance(), BATCH + 1);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // At t = 11 the batch of t = 0 has left the window, early for most of it, never
+        // late; the deposit of t = 9 is still in.
+        assert_eq!(b.balance(), 1);
+    }
+
+    #[test]
+    fn a_filed_batch_never_overwrites_a_newer_slot() {
+        let slot = AtomicU64::new((20u64 << 32) | 3);
+        add_n(&slot, 10, 5); // same slot index, a window older: dropped
+        assert_eq!(slot.load(Ordering::Relaxed), (20u64 << 32) | 3);
+        add_n(&slot, 20, 5);
+        assert_eq!(slot.load(Ordering::Relaxed), (20u64 << 32) | 8);
+        add_n(&slot, 30, 2); // newer: replaces
+        assert_eq!(slot.load(Ordering::Relaxed), (30u64 << 32) | 2);
     }
 
     #[test]

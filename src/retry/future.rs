@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tower::BoxError;
 use tower_service::Service;
 
 use super::backoff::{pushback, Pushback};
 use super::policy::{Outcome, RequestHead};
 use super::replay::{lock, ReplayBody, State};
-use super::{Attempts, Config, Policy};
-use crate::deadline::RequestDeadline;
+use super::{Attempts, Policy, Stripe};
+use crate::deadline::{cover, RequestDeadline};
 use crate::fault::Fault;
 use crate::grpc;
 
@@ -59,9 +59,13 @@ pin_project! {
 }
 
 pub(crate) struct Ctx<S, P, B> {
-    pub(crate) config: Arc<Config<P>>,
+    /// This thread's stripe's reference to the layer's configuration.
+    pub(crate) config: Arc<Stripe<P>>,
     pub(crate) service: S,
     pub(crate) head: http::request::Parts,
+    /// The deadline a `Deadline` above shared without an extension (inside `Upstream`); one
+    /// in the head's extensions travels with the head.
+    pub(crate) deadline: Option<Instant>,
     /// The recorded body; `None` when the body was empty.
     pub(crate) replay: Option<Arc<Mutex<State<B>>>>,
     pub(crate) attempts: u32,
@@ -134,7 +138,11 @@ where
                         }
                         let req = ctx.next_request();
                         ctx.attempts += 1;
-                        let fut = ctx.service.call(req);
+                        let fut = {
+                            // The layers below read the private deadline while called.
+                            let _shared = ctx.deadline.map(|d| cover::Shared::share(None, Some(d)));
+                            ctx.service.call(req)
+                        };
                         stage.set(Stage::Calling { fut });
                     }
                 }
@@ -246,8 +254,17 @@ impl<S, P: Policy, B> Ctx<S, P, B> {
                 .delay(self.attempts, Duration::from_nanos(self.prev_delay_ns)),
         };
         // Read here, not kept in the future: only a retry decision needs it.
-        if let Some(deadline) = self.head.extensions.get::<RequestDeadline>() {
-            if deadline.remaining() <= delay {
+        let ext = self
+            .head
+            .extensions
+            .get::<RequestDeadline>()
+            .map(|d| d.instant());
+        let deadline = match (ext, self.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(deadline) = deadline {
+            if deadline.saturating_duration_since(Instant::now()) <= delay {
                 tracing::debug!(attempt = self.attempts, outcome = %what, "deadline leaves no time for another attempt");
                 return None;
             }

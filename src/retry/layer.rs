@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::{Backoff, Config, DefaultPolicy, Policy, Retry, RetryBudget};
+use super::{Backoff, Config, DefaultPolicy, Policy, Retry, RetryBudget, Shared};
 use crate::error::ConfigError;
 use crate::fault::Classifier;
 
 /// Applies [`Retry`] to a service. Every service it makes shares one [`RetryBudget`], made
 /// when the layer was built.
 pub struct RetryLayer<P = DefaultPolicy> {
-    config: Arc<Config<P>>,
+    shared: Arc<Shared<P>>,
 }
 
 impl RetryLayer {
@@ -41,14 +41,14 @@ impl Default for RetryLayer {
 impl<P> RetryLayer<P> {
     /// The budget shared by every service this layer makes.
     pub fn budget(&self) -> &RetryBudget {
-        &self.config.budget
+        &self.shared.config().budget
     }
 }
 
 impl<P> Clone for RetryLayer<P> {
     fn clone(&self) -> Self {
         RetryLayer {
-            config: self.config.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -56,7 +56,7 @@ impl<P> Clone for RetryLayer<P> {
 impl<P: fmt::Debug> fmt::Debug for RetryLayer<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryLayer")
-            .field("config", &self.config)
+            .field("config", self.shared.config())
             .finish()
     }
 }
@@ -65,7 +65,7 @@ impl<S, P> Layer<S> for RetryLayer<P> {
     type Service = Retry<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Retry::from_config(inner, self.config.clone())
+        Retry::from_shared(inner, self.shared.clone())
     }
 }
 
@@ -170,7 +170,7 @@ impl<P> RetryLayerBuilder<P> {
             None => RetryBudget::builder().build()?,
         };
         Ok(RetryLayer {
-            config: Arc::new(Config {
+            shared: Arc::new(Shared::new(Config {
                 policy: self.policy,
                 max_attempts: self.max_attempts,
                 backoff: self.backoff,
@@ -178,7 +178,7 @@ impl<P> RetryLayerBuilder<P> {
                 pushback_cap: self.pushback_cap,
                 body_limit: self.body_limit,
                 classifier: self.classifier,
-            }),
+            })),
         })
     }
 }

@@ -113,6 +113,7 @@ pub use self::replay::ReplayBody;
 
 use self::future::{Ctx, ResponseFuture};
 use self::replay::State;
+use crate::deadline::cover;
 use crate::fault::Classifier;
 
 /// How many attempts a request took, in the final response's extensions when it took more
@@ -161,10 +162,55 @@ impl<P: fmt::Debug> fmt::Debug for Config<P> {
     }
 }
 
+/// The configuration of a layer, and one reference to it per budget stripe.
+///
+/// Every request's future holds a reference to the configuration until it completes. One
+/// shared `Arc` would make every request, on every core, write its reference count: the
+/// cache line would bounce between cores. A request takes its thread's stripe's reference
+/// instead (the stripe it deposits in), whose count only that stripe's threads write, as
+/// the breaker does with its pins.
+pub(crate) struct Shared<P> {
+    config: Arc<Config<P>>,
+    stripes: Box<[Arc<Stripe<P>>]>,
+}
+
+impl<P> Shared<P> {
+    pub(crate) fn new(config: Config<P>) -> Self {
+        let config = Arc::new(config);
+        let stripes = (0..budget::STRIPES)
+            .map(|_| {
+                Arc::new(Stripe {
+                    config: config.clone(),
+                })
+            })
+            .collect();
+        Shared { config, stripes }
+    }
+
+    pub(crate) fn config(&self) -> &Config<P> {
+        &self.config
+    }
+}
+
+/// One stripe's reference to the configuration, alone on its cache line(s).
+#[repr(align(128))]
+pub(crate) struct Stripe<P> {
+    config: Arc<Config<P>>,
+}
+
+impl<P> std::ops::Deref for Stripe<P> {
+    type Target = Config<P>;
+
+    #[inline]
+    fn deref(&self) -> &Config<P> {
+        &self.config
+    }
+}
+
 /// Retries upstream requests; see the [module docs](self).
 pub struct Retry<S, P = DefaultPolicy> {
     inner: S,
-    config: Arc<Config<P>>,
+    shared: Arc<Shared<P>>,
 }
 
 impl<S> Retry<S> {
@@ -175,13 +221,13 @@ impl<S> Retry<S> {
 }
 
 impl<S, P> Retry<S, P> {
-    pub(crate) fn from_config(inner: S, config: Arc<Config<P>>) -> Self {
-        Retry { inner, config }
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<P>>) -> Self {
+        Retry { inner, shared }
     }
 
     /// The budget this service draws on (shared with its clones and its layer).
     pub fn budget(&self) -> &RetryBudget {
-        &self.config.budget
+        &self.shared.config.budget
     }
 
     /// The inner service.
@@ -210,7 +256,7 @@ impl<S: Clone, P> Clone for Retry<S, P> {
     fn clone(&self) -> Self {
         Retry {
             inner: self.inner.clone(),
-            config: self.config.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -219,7 +265,7 @@ impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for Retry<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
-            .field("config", &self.config)
+            .field("config", &self.shared.config)
             .finish()
     }
 }
@@ -239,12 +285,16 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let cfg = &*self.config;
+        let cfg = &*self.shared.config;
         if cfg.max_attempts <= 1 || !cfg.policy.may_retry(policy::RequestHead::of(&req)) {
             return ResponseFuture::once(self.inner.call(req.map(ReplayBody::passthrough)));
         }
-        cfg.budget.deposit();
+        let stripe = budget::stripe_index();
+        // When the budget needs the time, a `Deadline` calling us synchronously shares its
+        // clock reading (no second read).
+        cfg.budget.deposit_in(stripe, cover::now);
         let (parts, body) = req.into_parts();
         let head = parts.clone();
         let (first, replay) = if body.is_end_stream() {
@@ -260,9 +310,10 @@ where
         ResponseFuture::retrying(
             fut,
             Ctx {
-                config: self.config.clone(),
+                config: self.shared.stripes[stripe].clone(),
                 service,
                 head,
+                deadline: cover::deadline(),
                 replay,
                 attempts: 1,
                 prev_delay_ns: 0,

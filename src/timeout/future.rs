@@ -37,6 +37,10 @@ pin_project! {
             #[pin]
             sleep: Option<Sleep>,
         },
+        Untimed {
+            #[pin]
+            inner: F,
+        },
         Spent,
     }
 }
@@ -64,6 +68,12 @@ impl<F> ResponseFuture<F> {
         }
     }
 
+    pub(super) fn untimed(inner: F) -> Self {
+        ResponseFuture {
+            kind: Kind::Untimed { inner },
+        }
+    }
+
     pub(super) fn spent() -> Self {
         ResponseFuture { kind: Kind::Spent }
     }
@@ -82,6 +92,7 @@ impl<F> fmt::Debug for ResponseFuture<F> {
                 .field("until", at)
                 .field("by_deadline", by_deadline)
                 .field("armed", &sleep.is_some()),
+            Kind::Untimed { .. } => d.field("until", &None::<Instant>),
             Kind::Spent => d.field("spent", &true),
         };
         d.finish_non_exhaustive()
@@ -130,6 +141,7 @@ where
                 cover::answer(at);
                 Poll::Pending
             }
+            KindProj::Untimed { inner } => inner.poll(cx).map_err(Into::into),
             KindProj::Spent => Poll::Ready(Err(DeadlineExceeded::before_start().into())),
         }
     }

@@ -38,7 +38,7 @@ impl<S> Layer<S> for AttemptTimeoutLayer {
     fn layer(&self, inner: S) -> Self::Service {
         AttemptTimeout {
             inner,
-            timeout: self.timeout,
+            timeout: Some(self.timeout),
             propagate: self.propagate,
         }
     }

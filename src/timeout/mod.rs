@@ -90,7 +90,9 @@ pub use self::layer::{AttemptTimeoutBuilder, AttemptTimeoutLayer};
 #[derive(Clone)]
 pub struct AttemptTimeout<S> {
     inner: S,
-    timeout: Duration,
+    /// `None`: a pass-through (inside `Upstream` without an attempt timeout), so that the
+    /// stack's type and its futures' layout do not depend on the configuration.
+    timeout: Option<Duration>,
     propagate: bool,
 }
 
@@ -101,8 +103,17 @@ impl<S> AttemptTimeout<S> {
     pub fn new(inner: S, timeout: Duration) -> Self {
         AttemptTimeout {
             inner,
-            timeout,
+            timeout: Some(timeout),
             propagate: true,
+        }
+    }
+
+    /// A pass-through: calls `inner` as is, its errors boxed.
+    pub(crate) fn off(inner: S) -> Self {
+        AttemptTimeout {
+            inner,
+            timeout: None,
+            propagate: false,
         }
     }
 
@@ -150,18 +161,22 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let deadline = RequestDeadline::of(&req);
+        let Some(timeout) = self.timeout else {
+            return future::ResponseFuture::untimed(self.inner.call(req));
+        };
+        let deadline = request_deadline(&req);
         let propagate = self.propagate && grpc::is_grpc(req.headers());
         if deadline.is_none() && !propagate {
             // Nothing needs the clock yet: it is read if and when the attempt has to wait.
-            return future::ResponseFuture::lazy(self.inner.call(req), self.timeout);
+            return future::ResponseFuture::lazy(self.inner.call(req), timeout);
         }
         let now = cover::now();
-        let attempt_at = saturating_add(now, self.timeout);
+        let attempt_at = saturating_add(now, timeout);
         let (at, by_deadline) = match deadline {
-            Some(d) if d.instant() <= now => return future::ResponseFuture::spent(),
-            Some(d) if d.instant() <= attempt_at => (d.instant(), true),
+            Some(d) if d <= now => return future::ResponseFuture::spent(),
+            Some(d) if d <= attempt_at => (d, true),
             _ => (attempt_at, false),
         };
         if propagate {
@@ -173,5 +188,16 @@ where
             }
         }
         future::ResponseFuture::new(self.inner.call(req), at, by_deadline)
+    }
+}
+
+/// The request's deadline: its extension's, or the one a `Deadline` inside `Upstream` shares
+/// while calling (see [`cover`]), the earlier of the two.
+#[inline]
+fn request_deadline<B>(req: &Request<B>) -> Option<tokio::time::Instant> {
+    let ext = RequestDeadline::of(req).map(|d| d.instant());
+    match (ext, cover::deadline()) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }

@@ -1,0 +1,112 @@
+//! A fixed loop for instruction counts, not a criterion bench: `cargo bench` builds it and
+//! runs it as a no-op (so CI only pays for the build). Count instructions per request with
+//!
+//! ```text
+//! B=$(ls target/release/deps/callgrind-* | grep -v '\.d$')
+//! valgrind --tool=callgrind --callgrind-out-file=/dev/null $B stack 1000
+//! valgrind --tool=callgrind --callgrind-out-file=/dev/null $B stack 11000
+//! ```
+//!
+//! and divide the difference of the two totals by 10 000. Scenarios: `bare`, `tower_retry`,
+//! `retry`, `tower_stack`, `stack`; `sizes` prints the response futures' sizes.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Empty;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_upstream::retry::ReplayBody;
+use tower_upstream::{RetryLayer, Upstream};
+
+mod common;
+use common::{inner, tower_policy};
+
+async fn drive<S, B>(mut svc: S, iters: u64, make: impl Fn() -> Request<B>)
+where
+    S: Service<Request<B>>,
+    S::Error: std::fmt::Debug,
+{
+    for _ in 0..iters {
+        let rsp = svc.ready().await.unwrap().call(make()).await.unwrap();
+        black_box(rsp);
+    }
+}
+
+fn size_of_future<S, B>(mut svc: S, req: Request<B>) -> usize
+where
+    S: Service<Request<B>>,
+{
+    std::mem::size_of_val(&svc.call(req))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` passes `--bench`: nothing to do.
+    let (Some(scenario), iters) = (
+        args.first().filter(|a| !a.starts_with("--")),
+        args.get(1)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(1000),
+    ) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let unit = || Request::new(());
+    let empty = || Request::new(Empty::<Bytes>::new());
+    match scenario.as_str() {
+        "bare" => rt.block_on(drive(inner::<()>(), iters, unit)),
+        "tower_retry" => rt.block_on(drive(
+            tower::retry::Retry::new(tower_policy(), inner::<()>()),
+            iters,
+            unit,
+        )),
+        "retry" => rt.block_on(drive(
+            RetryLayer::new().layer(inner::<ReplayBody<Empty<Bytes>>>()),
+            iters,
+            empty,
+        )),
+        "tower_stack" => rt.block_on(drive(
+            ServiceBuilder::new()
+                .retry(tower_policy())
+                .timeout(Duration::from_secs(10))
+                .service(inner::<()>()),
+            iters,
+            unit,
+        )),
+        "stack" => {
+            let layer = Upstream::builder().build().unwrap();
+            rt.block_on(drive(
+                layer.layer(inner::<ReplayBody<Empty<Bytes>>>()),
+                iters,
+                empty,
+            ))
+        }
+        "sizes" => {
+            let _guard = rt.enter();
+            let layer = Upstream::builder().build().unwrap();
+            println!(
+                "retry future: {} bytes",
+                size_of_future(
+                    RetryLayer::new().layer(inner::<ReplayBody<Empty<Bytes>>>()),
+                    empty()
+                )
+            );
+            println!(
+                "tokio Sleep: {} bytes, request head: {} bytes, Response<()>: {} bytes",
+                std::mem::size_of::<tokio::time::Sleep>(),
+                std::mem::size_of::<http::request::Parts>(),
+                std::mem::size_of::<Response<()>>(),
+            );
+            println!(
+                "stack future: {} bytes",
+                size_of_future(layer.layer(inner::<ReplayBody<Empty<Bytes>>>()), empty())
+            );
+        }
+        other => eprintln!("unknown scenario {other}"),
+    }
+}
