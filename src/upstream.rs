@@ -123,7 +123,8 @@
 //!
 //! Each request runs in a `DEBUG` span `upstream.request` with `method`, `authority`,
 //! `path`, and, once answered, `status` and either `attempts` (when the upstream answered)
-//! or `fault` (its RFC 9209 name, when the stack answered for a fault). The layers' own events (retries, breaker
+//! or `fault` (its RFC 9209 name, when the stack answered for a fault), and `breaker_key`,
+//! the key of the breaker the request went through (when a breaker is on). The layers' own events (retries, breaker
 //! transitions, faults) happen inside it. Nothing is logged above `DEBUG` per request on
 //! the happy path.
 //!
@@ -281,6 +282,7 @@ where
             status = tracing::field::Empty,
             attempts = tracing::field::Empty,
             fault = tracing::field::Empty,
+            breaker_key = tracing::field::Empty,
         );
         if span.is_disabled() {
             return self.call_in(req, span);

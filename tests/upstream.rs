@@ -495,7 +495,7 @@ async fn one_span_per_request_and_nothing_above_debug_when_healthy() {
     }
     assert_eq!(info.take(), "");
 
-    // At DEBUG, the request's span closes with its status, attempts and fault.
+    // At DEBUG, the request's span closes with its status, attempts or fault, and breaker key.
     let debug = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::DEBUG)
@@ -524,6 +524,7 @@ async fn one_span_per_request_and_nothing_above_debug_when_healthy() {
         assert!(line.contains("upstream.request"), "{line}");
         assert!(line.contains("method=GET"), "{line}");
         assert!(line.contains("authority=\"upstream.test\""), "{line}");
+        assert!(line.contains("breaker_key=\"upstream.test\""), "{line}");
         for w in want {
             assert!(line.contains(w), "{w} in {line}");
         }

@@ -224,6 +224,10 @@ where
             }
         }
         let pin = self.shared.registry.pin(&req);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            // Into the request's span, when there is one with the field (`Upstream`'s).
+            tracing::Span::current().record("breaker_key", &*pin.core.key);
+        }
         match pin.core.try_acquire() {
             Ok(admit) => {
                 let permit = Permit::new(pin, admit);
