@@ -320,20 +320,7 @@ mod tonic_body {
             IntoTonicBody { inner }
         }
 
-        /// The wrapped service.
-        pub fn get_ref(&self) -> &S {
-            &self.inner
-        }
-
-        /// The wrapped service, mutably.
-        pub fn get_mut(&mut self) -> &mut S {
-            &mut self.inner
-        }
-
-        /// Unwraps the service.
-        pub fn into_inner(self) -> S {
-            self.inner
-        }
+        inner_accessors!("service", S);
     }
 
     impl<S, B> Service<Request<B>> for IntoTonicBody<S>

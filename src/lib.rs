@@ -88,6 +88,27 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 
+/// `get_ref` / `get_mut` / `into_inner` for a middleware whose wrapped value is the field
+/// `inner` (tower-http does the same with a macro).
+macro_rules! inner_accessors {
+    ($what:literal, $ty:ident) => {
+        #[doc = concat!("The inner ", $what, ".")]
+        pub fn get_ref(&self) -> &$ty {
+            &self.inner
+        }
+
+        #[doc = concat!("The inner ", $what, ", mutably.")]
+        pub fn get_mut(&mut self) -> &mut $ty {
+            &mut self.inner
+        }
+
+        #[doc = concat!("Consumes `self`, returning the inner ", $what, ".")]
+        pub fn into_inner(self) -> $ty {
+            self.inner
+        }
+    };
+}
+
 pub mod breaker;
 #[cfg(feature = "serde")]
 #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]

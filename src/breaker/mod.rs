@@ -174,20 +174,7 @@ impl<S> CircuitBreaker<S> {
         }
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_accessors!("service", S);
 }
 
 impl<S: fmt::Debug> fmt::Debug for CircuitBreaker<S> {

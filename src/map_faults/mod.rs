@@ -160,20 +160,7 @@ impl<S> MapFaults<S> {
         }
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes the middleware, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_accessors!("service", S);
 }
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for MapFaults<S>

@@ -89,20 +89,7 @@ impl<S> ResponseBodyTimeout<S> {
         ResponseBodyTimeout { inner, idle }
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_accessors!("service", S);
 }
 
 impl<S, Req, B> Service<Req> for ResponseBodyTimeout<S>

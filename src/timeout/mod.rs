@@ -122,20 +122,7 @@ impl<S> AttemptTimeout<S> {
         AttemptTimeoutLayer::new(timeout)
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_accessors!("service", S);
 }
 
 impl<S: fmt::Debug> fmt::Debug for AttemptTimeout<S> {
