@@ -9,8 +9,8 @@
 //!
 //! and divide the difference of the two totals by 10 000. Scenarios: `bare`, `tower_retry`,
 //! `retry`, `tower_stack`, `stack`; `bare_proxied`, `stack_proxied`: the same with the head of
-//! a request as a proxy forwards it (see [`proxied`]); `sizes` prints the response futures'
-//! sizes.
+//! a request as a proxy forwards it (see [`proxied`]) and an answer with headers; `sizes`
+//! prints the response futures' sizes.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -65,6 +65,24 @@ fn proxied<B: Default>() -> Request<B> {
         .unwrap()
 }
 
+/// The inner service of the `_proxied` scenarios: a ready response with the headers an
+/// upstream's answer has (which the breaker and the retry policy look at).
+fn upstream_answer<B>(
+) -> impl Service<Request<B>, Response = Response<()>, Error = std::convert::Infallible> + Clone {
+    tower::service_fn(|_req: Request<B>| {
+        let rsp = Response::builder()
+            .header("content-type", http::HeaderValue::from_static("text/plain"))
+            .header("content-length", http::HeaderValue::from_static("12"))
+            .header(
+                "date",
+                http::HeaderValue::from_static("Sun, 22 Nov 2026 07:00:00 GMT"),
+            )
+            .body(())
+            .unwrap();
+        std::future::ready(Ok(rsp))
+    })
+}
+
 fn size_of_future<S, B>(mut svc: S, req: Request<B>) -> usize
 where
     S: Service<Request<B>>,
@@ -117,11 +135,11 @@ fn main() {
                 empty,
             ))
         }
-        "bare_proxied" => rt.block_on(drive(inner::<()>(), iters, proxied::<()>)),
+        "bare_proxied" => rt.block_on(drive(upstream_answer::<()>(), iters, proxied::<()>)),
         "stack_proxied" => {
             let layer = Upstream::builder().build().unwrap();
             rt.block_on(drive(
-                layer.layer(inner::<ReplayBody<Empty<Bytes>>>()),
+                layer.layer(upstream_answer::<ReplayBody<Empty<Bytes>>>()),
                 iters,
                 proxied::<Empty<Bytes>>,
             ))
