@@ -152,6 +152,14 @@ fn is_grpc_content_type(ct: &[u8]) -> bool {
 /// The `grpc-timeout` request header: how long the client waits for the call.
 pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
+/// The `grpc-status` header (or trailer). A name made once: looking a header up by a `&str`
+/// parses the name each time, and the breaker and the retry policy look this one up in every
+/// response.
+pub(crate) static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// The `grpc-retry-pushback-ms` header (or trailer).
+pub(crate) static GRPC_PUSHBACK: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
+
 /// The largest value `grpc-timeout` can carry: 8 digits.
 const MAX_TIMEOUT_VALUE: u64 = 99_999_999;
 

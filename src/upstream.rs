@@ -306,7 +306,9 @@ impl<S, P> Upstream<S, P> {
         P: Policy,
         B: Body,
     {
-        let map_faults = self.map_faults.for_request(grpc::is_grpc(req.headers()));
+        // Read once: the deadline and the attempt timeout below learn it (see `cover`).
+        let grpc = grpc::is_grpc(req.headers());
+        let map_faults = self.map_faults.for_request(grpc);
         let answer = |error: BoxError| ResponseFuture {
             state: State::Answer { error: Some(error) },
             map_faults: map_faults.clone(),
@@ -316,7 +318,7 @@ impl<S, P> Upstream<S, P> {
             return answer(error);
         }
         let start = match &self.deadline {
-            Some(config) => config.start(&mut req),
+            Some(config) => config.start_grpc(&mut req, Some(grpc)),
             None => Start::Untimed,
         };
         let timer = match start {
@@ -330,7 +332,7 @@ impl<S, P> Upstream<S, P> {
             None => None,
         };
         let fut = {
-            let _shared = start.share();
+            let _shared = start.share_grpc(Some(grpc));
             self.inner.call(req)
         };
         ResponseFuture {

@@ -104,3 +104,70 @@ async fn a_deadline_layer_passed_in_keeps_its_extension() {
     );
     assert_eq!(grpc_code(&res), Some(Code::Ok));
 }
+
+/// Inside `Upstream`, the attempt timeout learns from the stack that the request is gRPC (it
+/// is read once per request): a gRPC attempt is told the attempt's own, shorter timeout, a
+/// retry's attempt too.
+#[tokio::test(start_paused = true)]
+async fn a_grpc_attempt_is_told_the_attempt_timeout() {
+    let layer = Upstream::builder()
+        .deadline(Duration::from_secs(30))
+        .attempt_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let (seen, res) = two_attempts(layer, Duration::from_millis(100)).await;
+
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0].grpc_timeout, Some(Duration::from_secs(2)));
+    assert_eq!(seen[1].grpc_timeout, Some(Duration::from_secs(2)));
+    assert_eq!(grpc_code(&res), Some(Code::Ok));
+}
+
+/// What the stack knows of its request is not taken for another request that the wrapped
+/// service makes while called: a plain HTTP request sent synchronously through an
+/// `AttemptTimeout` from inside a gRPC call gets no `grpc-timeout`, and the gRPC call
+/// itself is still told its own.
+#[tokio::test(start_paused = true)]
+async fn a_request_made_below_does_not_inherit_the_grpc_flag() {
+    let nested_seen = Arc::new(Mutex::new(Vec::new()));
+    let record = nested_seen.clone();
+    let mut nested = tower_upstream::AttemptTimeout::new(
+        service_fn(move |req: Request<()>| {
+            record.lock().unwrap().push(grpc::timeout_of(req.headers()));
+            async { Ok::<_, Infallible>(Response::new(())) }
+        }),
+        Duration::from_secs(1),
+    );
+    let outer_seen = Arc::new(Mutex::new(Vec::new()));
+    let outer_record = outer_seen.clone();
+    let svc = Upstream::builder()
+        .attempt_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap()
+        .layer(service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
+            outer_record
+                .lock()
+                .unwrap()
+                .push(grpc::timeout_of(req.headers()));
+            // Called synchronously, inside the stack's call.
+            let plain = tower::Service::call(&mut nested, Request::new(()));
+            async move {
+                plain.await.unwrap();
+                let rsp = Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "0")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                Ok::<_, Infallible>(rsp)
+            }
+        }));
+    let req = Request::post("http://upstream/pkg.Svc/Get")
+        .header("content-type", "application/grpc")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap().map(|_| ());
+
+    assert_eq!(grpc_code(&res), Some(Code::Ok));
+    assert_eq!(*outer_seen.lock().unwrap(), [Some(Duration::from_secs(2))]);
+    assert_eq!(*nested_seen.lock().unwrap(), [None]);
+}

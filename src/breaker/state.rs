@@ -91,7 +91,7 @@ impl Config {
         if self.grpc_codes != 0 && !resp.headers().is_empty() {
             if let Some(code) = resp
                 .headers()
-                .get("grpc-status")
+                .get(&grpc::GRPC_STATUS)
                 .and_then(grpc::Code::from_header)
             {
                 if self.grpc_codes & (1 << code.as_i32()) != 0 {
@@ -112,7 +112,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 fn grpc_pushback(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get("grpc-retry-pushback-ms")?.to_str().ok()?;
+    let v = headers.get(&grpc::GRPC_PUSHBACK)?.to_str().ok()?;
     v.trim().parse::<u64>().ok().map(Duration::from_millis)
 }
 

@@ -22,7 +22,9 @@
 //! the same way instead of as a [`RequestDeadline`](super::RequestDeadline) extension (whose
 //! insertion and copy by the retry cost four allocations per request): the `Deadline` shares
 //! it for the duration of its `call`, the `Retry` keeps it and shares it again around each
-//! later attempt's `call`, and the `AttemptTimeout` reads it.
+//! later attempt's `call`, and the `AttemptTimeout` reads it. So does whether the request is
+//! gRPC, which `Upstream` reads once for its fault answers, its deadline and the first
+//! attempt's timeout (a later attempt's timeout reads it again).
 
 use std::cell::Cell;
 
@@ -45,11 +47,21 @@ struct Call {
     now: Option<Instant>,
     /// The request's deadline, when it travels without an extension.
     deadline: Option<Instant>,
+    /// Whether the request is gRPC ([`grpc::is_grpc`](crate::grpc::is_grpc)), when the
+    /// caller knows that no layer in between changes its `content-type` (inside
+    /// `Upstream`). Read once, by [`take_grpc`].
+    grpc: Option<bool>,
 }
 
 thread_local! {
     static SLOT: Cell<Slot> = const { Cell::new(Slot::Idle) };
-    static CALL: Cell<Call> = const { Cell::new(Call { now: None, deadline: None }) };
+    static CALL: Cell<Call> = const {
+        Cell::new(Call {
+            now: None,
+            deadline: None,
+            grpc: None,
+        })
+    };
 }
 
 /// Shares a clock reading (and maybe the request's deadline) with the layers called below,
@@ -62,8 +74,25 @@ impl Shared {
     /// Shares `now` and `deadline` until dropped.
     #[inline]
     pub(crate) fn share(now: Option<Instant>, deadline: Option<Instant>) -> Shared {
+        Shared::share_grpc(now, deadline, None)
+    }
+
+    /// Shares `now`, `deadline` and whether the request is gRPC until dropped. Only a caller
+    /// whose every layer down to the attempt is the crate's own may share `grpc`.
+    #[inline]
+    pub(crate) fn share_grpc(
+        now: Option<Instant>,
+        deadline: Option<Instant>,
+        grpc: Option<bool>,
+    ) -> Shared {
         Shared {
-            prev: CALL.with(|c| c.replace(Call { now, deadline })),
+            prev: CALL.with(|c| {
+                c.replace(Call {
+                    now,
+                    deadline,
+                    grpc,
+                })
+            }),
         }
     }
 }
@@ -86,6 +115,20 @@ pub(crate) fn now() -> Instant {
 #[inline]
 pub(crate) fn deadline() -> Option<Instant> {
     CALL.with(Cell::get).deadline
+}
+
+/// Whether the request being called is gRPC, if a layer above shared it; taken, so that a
+/// service below calling another stack synchronously (another request) does not read it.
+#[inline]
+pub(crate) fn take_grpc() -> Option<bool> {
+    CALL.with(|c| {
+        let mut call = c.get();
+        let grpc = call.grpc.take();
+        if grpc.is_some() {
+            c.set(call);
+        }
+        grpc
+    })
 }
 
 /// One question, asked for the duration of one poll. Restores the previous slot when done
@@ -151,6 +194,26 @@ mod tests {
         }
         assert!(now() > t + Duration::from_secs(5));
         assert_eq!(deadline(), None);
+    }
+
+    #[test]
+    fn grpc_is_taken_once_and_scoped() {
+        assert_eq!(take_grpc(), None);
+        {
+            let _outer = Shared::share_grpc(None, None, Some(true));
+            {
+                let _inner = Shared::share(None, None);
+                assert_eq!(take_grpc(), None);
+            }
+            assert_eq!(take_grpc(), Some(true));
+            // Taken: a second reader (a request made below) computes its own.
+            assert_eq!(take_grpc(), None);
+        }
+        {
+            let _outer = Shared::share_grpc(None, None, Some(false));
+            assert_eq!(take_grpc(), Some(false));
+        }
+        assert_eq!(take_grpc(), None);
     }
 
     #[test]

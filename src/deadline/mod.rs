@@ -257,6 +257,12 @@ impl Config {
     /// [`Start::share`]) or [`Start::Untimed`].
     #[inline]
     pub(crate) fn start<B>(&self, req: &mut Request<B>) -> Start {
+        self.start_grpc(req, None)
+    }
+
+    /// [`start`](Self::start), told whether the request is gRPC when the caller knows.
+    #[inline]
+    pub(crate) fn start_grpc<B>(&self, req: &mut Request<B>, grpc: Option<bool>) -> Start {
         let now = cover::now();
         let own = self.deadline_of(req, now);
         let earlier = RequestDeadline::of(req).map(|d| d.instant());
@@ -273,7 +279,7 @@ impl Config {
             req.extensions_mut().insert(RequestDeadline::at(at));
         }
         if self.propagate {
-            if grpc::is_grpc(req.headers()) {
+            if grpc.unwrap_or_else(|| grpc::is_grpc(req.headers())) {
                 req.headers_mut()
                     .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(at - now));
             }
@@ -310,10 +316,19 @@ impl Start {
     /// reading and, if it travels privately, the deadline. Keep it until the call returns.
     #[inline]
     pub(crate) fn share(&self) -> Option<cover::Shared> {
+        self.share_grpc(None)
+    }
+
+    /// [`share`](Self::share), and whether the request is gRPC (see
+    /// [`cover::Shared::share_grpc`]).
+    #[inline]
+    pub(crate) fn share_grpc(&self, grpc: Option<bool>) -> Option<cover::Shared> {
         match *self {
-            Start::Timed { at, now, private } => {
-                Some(cover::Shared::share(Some(now), private.then_some(at)))
-            }
+            Start::Timed { at, now, private } => Some(cover::Shared::share_grpc(
+                Some(now),
+                private.then_some(at),
+                grpc,
+            )),
             _ => None,
         }
     }

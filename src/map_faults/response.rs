@@ -17,9 +17,7 @@ use crate::grpc;
 use super::body::FaultBody;
 
 pub(crate) static PROXY_STATUS: HeaderName = HeaderName::from_static("proxy-status");
-static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
-static GRPC_PUSHBACK: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
 
 /// Longest `details` the mapper puts in a client-facing answer when details are exposed.
 const MAX_DETAILS: usize = 512;
@@ -334,7 +332,10 @@ impl View<'_> {
         let mut res = Response::new(FaultBody::empty());
         let headers = res.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert(GRPC_STATUS.clone(), self.grpc_code(fault).to_header_value());
+        headers.insert(
+            grpc::GRPC_STATUS.clone(),
+            self.grpc_code(fault).to_header_value(),
+        );
         if let Ok(v) = HeaderValue::try_from(message) {
             headers.insert(GRPC_MESSAGE.clone(), v);
         }
@@ -343,7 +344,7 @@ impl View<'_> {
             .filter(|_| fault == Fault::DestinationUnavailable)
         {
             let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
-            headers.insert(GRPC_PUSHBACK.clone(), HeaderValue::from(ms));
+            headers.insert(grpc::GRPC_PUSHBACK.clone(), HeaderValue::from(ms));
         }
         headers.insert(
             PROXY_STATUS.clone(),

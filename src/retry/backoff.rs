@@ -152,7 +152,7 @@ pub(crate) enum Pushback {
 /// and `Retry-After` (RFC 9110 §10.2.3: delay-seconds or an HTTP-date; unparseable is
 /// ignored).
 pub(crate) fn pushback(headers: &HeaderMap) -> Pushback {
-    if let Some(v) = headers.get("grpc-retry-pushback-ms") {
+    if let Some(v) = headers.get(&crate::grpc::GRPC_PUSHBACK) {
         return match v.to_str().ok().map(str::trim) {
             Some(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
                 // Too many digits to fit: longer than any cap.

@@ -177,7 +177,7 @@ impl Policy for DefaultPolicy {
                 200 => {
                     !headers.is_empty()
                         && headers
-                            .get("grpc-status")
+                            .get(&grpc::GRPC_STATUS)
                             .and_then(Code::from_header)
                             .is_some_and(|code| self.grpc_code_retryable(code))
                         && grpc::is_grpc(req.headers())

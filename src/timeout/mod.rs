@@ -150,11 +150,14 @@ where
 
     #[inline]
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        // Taken even when not needed: it is about this request only, not about one that the
+        // service below might make.
+        let grpc = cover::take_grpc();
         let Some(timeout) = self.timeout else {
             return future::ResponseFuture::untimed(self.inner.call(req));
         };
         let deadline = request_deadline(&req);
-        let propagate = self.propagate && grpc::is_grpc(req.headers());
+        let propagate = self.propagate && grpc.unwrap_or_else(|| grpc::is_grpc(req.headers()));
         if deadline.is_none() && !propagate {
             // Nothing needs the clock yet: it is read if and when the attempt has to wait.
             return future::ResponseFuture::lazy(self.inner.call(req), timeout);
