@@ -12,29 +12,17 @@
 //! a request as a proxy forwards it (see [`proxied`]) and an answer with headers; `sizes`
 //! prints the response futures' sizes.
 
-use std::hint::black_box;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use http_body_util::Empty;
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder};
 use tower_upstream::retry::ReplayBody;
 use tower_upstream::{RetryLayer, Upstream};
 
 mod common;
-use common::{inner, tower_policy};
-
-async fn drive<S, B>(mut svc: S, iters: u64, make: impl Fn() -> Request<B>)
-where
-    S: Service<Request<B>>,
-    S::Error: std::fmt::Debug,
-{
-    for _ in 0..iters {
-        let rsp = svc.ready().await.unwrap().call(make()).await.unwrap();
-        black_box(rsp);
-    }
-}
+use common::{drive, inner, tower_policy};
 
 /// A request as examples/gateway hands it to its client: an absolute URI whose path and query
 /// were built per request; three headers as hyper parses them (slices of one shared read

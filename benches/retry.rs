@@ -19,21 +19,7 @@ use tower_upstream::retry::ReplayBody;
 use tower_upstream::{RetryBudget, RetryLayer};
 
 mod common;
-use common::{inner, tower_policy};
-
-/// Times `iters` sequential `ready().await` + `call(req).await` on one service.
-async fn drive<S, B>(mut svc: S, iters: u64, make: impl Fn() -> Request<B>) -> Duration
-where
-    S: Service<Request<B>>,
-    S::Error: std::fmt::Debug,
-{
-    let start = Instant::now();
-    for _ in 0..iters {
-        let rsp = svc.ready().await.unwrap().call(make()).await.unwrap();
-        black_box(rsp);
-    }
-    start.elapsed()
-}
+use common::{inner, timed, tower_policy};
 
 fn happy_path(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -52,33 +38,33 @@ fn happy_path(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("retry");
     g.bench_function("bare", |b| {
-        b.iter_custom(|n| rt.block_on(drive(inner::<()>(), n, unit)))
+        b.iter_custom(|n| rt.block_on(timed(inner::<()>(), n, unit)))
     });
     g.bench_function("tower_retry_tps", |b| {
         b.iter_custom(|n| {
             let svc = tower::retry::Retry::new(tower_policy(), inner::<()>());
-            rt.block_on(drive(svc, n, unit))
+            rt.block_on(timed(svc, n, unit))
         })
     });
     g.bench_function("upstream_retry", |b| {
         b.iter_custom(|n| {
             let svc = layer.layer(inner::<ReplayBody<Empty<Bytes>>>());
-            rt.block_on(drive(svc, n, empty))
+            rt.block_on(timed(svc, n, empty))
         })
     });
     g.bench_function("bare/body", |b| {
-        b.iter_custom(|n| rt.block_on(drive(inner::<Full<Bytes>>(), n, full)))
+        b.iter_custom(|n| rt.block_on(timed(inner::<Full<Bytes>>(), n, full)))
     });
     g.bench_function("tower_retry_tps/body", |b| {
         b.iter_custom(|n| {
             let svc = tower::retry::Retry::new(tower_policy(), inner::<Full<Bytes>>());
-            rt.block_on(drive(svc, n, full))
+            rt.block_on(timed(svc, n, full))
         })
     });
     g.bench_function("upstream_retry/body", |b| {
         b.iter_custom(|n| {
             let svc = layer.layer(inner::<ReplayBody<Full<Bytes>>>());
-            rt.block_on(drive(svc, n, full))
+            rt.block_on(timed(svc, n, full))
         })
     });
     g.finish();

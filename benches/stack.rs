@@ -6,34 +6,18 @@
 //! ratios to `bare`, not the absolute times. Run briefly with
 //! `cargo bench --bench stack -- --warm-up-time 1 --measurement-time 3`.
 
-use std::hint::black_box;
 use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::Request;
 use http_body_util::Empty;
-use tokio::time::Instant;
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceBuilder};
 use tower_upstream::retry::ReplayBody;
 use tower_upstream::Upstream;
 
 mod common;
-use common::{inner, tower_policy};
-
-/// Times `iters` sequential `ready().await` + `call(req).await` on one service.
-async fn drive<S, B>(mut svc: S, iters: u64, make: impl Fn() -> Request<B>) -> Duration
-where
-    S: Service<Request<B>>,
-    S::Error: std::fmt::Debug,
-{
-    let start = Instant::now();
-    for _ in 0..iters {
-        let rsp = svc.ready().await.unwrap().call(make()).await.unwrap();
-        black_box(rsp);
-    }
-    start.elapsed()
-}
+use common::{inner, timed, tower_policy};
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -46,7 +30,7 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("stack");
     g.bench_function("bare", |b| {
-        b.iter_custom(|n| rt.block_on(drive(inner::<()>(), n, unit)))
+        b.iter_custom(|n| rt.block_on(timed(inner::<()>(), n, unit)))
     });
     g.bench_function("tower_timeout_retry_tps", |b| {
         b.iter_custom(|n| {
@@ -54,21 +38,21 @@ fn bench(c: &mut Criterion) {
                 .retry(tower_policy())
                 .timeout(Duration::from_secs(10))
                 .service(inner::<()>());
-            rt.block_on(drive(svc, n, unit))
+            rt.block_on(timed(svc, n, unit))
         })
     });
     let layer = Upstream::builder().build().unwrap();
     g.bench_function("upstream_default", |b| {
         b.iter_custom(|n| {
             let svc = layer.layer(inner::<ReplayBody<Empty<Bytes>>>());
-            rt.block_on(drive(svc, n, empty))
+            rt.block_on(timed(svc, n, empty))
         })
     });
     let limited = Upstream::builder().concurrency_limit(1024).build().unwrap();
     g.bench_function("upstream_default_with_limit", |b| {
         b.iter_custom(|n| {
             let svc = limited.layer(inner::<ReplayBody<Empty<Bytes>>>());
-            rt.block_on(drive(svc, n, empty))
+            rt.block_on(timed(svc, n, empty))
         })
     });
     g.finish();
@@ -104,7 +88,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter_custom(|n| {
                 let svc = layer.layer(inner::<ReplayBody<Empty<Bytes>>>());
-                rt.block_on(drive(svc, n, empty))
+                rt.block_on(timed(svc, n, empty))
             })
         });
     }
