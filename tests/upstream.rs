@@ -190,24 +190,29 @@ async fn router_layer_and_route_layer_need_no_handle_error_layer() {
     assert_eq!(layer.retry_budget().unwrap().exhausted(), 0);
 }
 
+/// An upstream that answers every connection with `reply` and closes it; counts requests.
+async fn counting_upstream(reply: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let addr = raw_upstream(move |mut s| {
+        let hits = counted.clone();
+        async move {
+            read_head(&mut s).await;
+            hits.fetch_add(1, SeqCst);
+            let _ = s.write_all(reply).await;
+            let _ = s.shutdown().await;
+        }
+    })
+    .await;
+    (addr, hits)
+}
+
 #[tokio::test]
 async fn retry_counts_come_from_the_retry_layer_passed_in() {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let upstream = {
-        let hits = hits.clone();
-        raw_upstream(move |mut s| {
-            let hits = hits.clone();
-            async move {
-                read_head(&mut s).await;
-                hits.fetch_add(1, SeqCst);
-                let _ = s
-                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .await;
-                let _ = s.shutdown().await;
-            }
-        })
-        .await
-    };
+    let (upstream, hits) = counting_upstream(
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     let layer = Upstream::builder()
         .retry(RetryLayer::builder().max_attempts(2).build().unwrap())
         .no_breaker()
@@ -233,22 +238,10 @@ async fn retry_counts_come_from_the_retry_layer_passed_in() {
 
 #[tokio::test]
 async fn one_breaker_for_two_routes() {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let upstream = {
-        let hits = hits.clone();
-        raw_upstream(move |mut s| {
-            let hits = hits.clone();
-            async move {
-                read_head(&mut s).await;
-                hits.fetch_add(1, SeqCst);
-                let _ = s
-                    .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .await;
-                let _ = s.shutdown().await;
-            }
-        })
-        .await
-    };
+    let (upstream, hits) = counting_upstream(
+        b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     let layer = Upstream::builder()
         .no_retry()
         .breaker(
