@@ -148,6 +148,7 @@ pub mod guide {
     pub mod config {}
 }
 pub mod retry;
+mod stripe;
 pub mod timeout;
 pub mod upstream;
 

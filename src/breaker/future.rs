@@ -54,6 +54,30 @@ impl Permit {
     }
 }
 
+impl Permit {
+    /// Counts an attempt's result: a response as the breaker's configuration classifies
+    /// it; an error as a failure, unless it is a local rejection (circuit open, shed), which
+    /// says nothing about the upstream.
+    #[inline]
+    pub(crate) fn complete_with<B>(self, res: &Result<Response<B>, BoxError>) {
+        let config = &self.pin.core.config;
+        let outcome = match res {
+            Ok(resp) => config.response_outcome(resp),
+            Err(e) => {
+                let c = config.classifier.classify(&**e);
+                if c.fault().is_local_rejection() {
+                    Outcome::Ignored
+                } else {
+                    Outcome::Failure {
+                        retry_after: c.retry_after(),
+                    }
+                }
+            }
+        };
+        self.complete(outcome);
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         if let (false, Admit::Probe(gen)) = (self.done, self.admit) {
@@ -134,30 +158,13 @@ where
     #[inline]
     fn poll(self: StdPin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Called { future, permit } => match ready!(future.poll(cx)) {
-                Ok(resp) => {
-                    if let Some(p) = permit.take() {
-                        let outcome = p.pin.core.config.response_outcome(&resp);
-                        p.complete(outcome);
-                    }
-                    Poll::Ready(Ok(resp))
+            KindProj::Called { future, permit } => {
+                let res = ready!(future.poll(cx)).map_err(Into::into);
+                if let Some(p) = permit.take() {
+                    p.complete_with(&res);
                 }
-                Err(e) => {
-                    let e = e.into();
-                    if let Some(p) = permit.take() {
-                        let c = p.pin.core.config.classifier.classify(&*e);
-                        let outcome = if c.fault().is_local_rejection() {
-                            Outcome::Ignored
-                        } else {
-                            Outcome::Failure {
-                                retry_after: c.retry_after(),
-                            }
-                        };
-                        p.complete(outcome);
-                    }
-                    Poll::Ready(Err(e))
-                }
-            },
+                Poll::Ready(res)
+            }
             KindProj::Refused { error } => Poll::Ready(Err(error
                 .take()
                 .unwrap_or_else(|| CircuitOpen::new(Default::default()))

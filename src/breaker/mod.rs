@@ -89,7 +89,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -109,7 +109,8 @@ pub use self::layer::{Builder, CircuitBreakerLayer};
 pub use self::listener::{Reason, State, Transition};
 
 use self::error::CircuitOpen;
-use self::future::{Permit, ResponseFuture};
+pub(crate) use self::future::Permit;
+use self::future::ResponseFuture;
 use self::keyed::Registry;
 use self::listener::emit;
 use self::state::Core;
@@ -133,6 +134,24 @@ impl Shared {
             registry,
         }
     }
+
+    /// Lets a call through or refuses it: `Ok(None)` while the breakers are disabled (the
+    /// call is not counted), `Ok(Some(permit))` when admitted, `Err` when refused.
+    #[inline]
+    pub(crate) fn admit<B>(&self, req: &Request<B>) -> Result<Option<Permit>, CircuitOpen> {
+        match self.mode.load(Relaxed) {
+            AUTO => {}
+            DISABLED => return Ok(None),
+            _ => return Err(CircuitOpen::new(self.registry.config.open_base)),
+        }
+        let pin = self.registry.pin(req);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            // Into the request's span, when there is one with the field (`Upstream`'s).
+            tracing::Span::current().record("breaker_key", &*pin.core.key);
+        }
+        let admit = pin.core.try_acquire()?;
+        Ok(Some(Permit::new(pin, admit)))
+    }
 }
 
 /// Per-upstream circuit breaking; see the [module docs](self).
@@ -148,22 +167,6 @@ impl<S> CircuitBreaker<S> {
         CircuitBreaker {
             inner,
             shared: layer.shared.clone(),
-        }
-    }
-
-    /// A pass-through (inside `Upstream` without a breaker), so that the stack's type and
-    /// its futures' layout do not depend on the configuration: one disabled breaker, made
-    /// once for the process, shared by every such service.
-    pub(crate) fn off(inner: S) -> Self {
-        static OFF: OnceLock<Arc<Shared>> = OnceLock::new();
-        let shared = OFF.get_or_init(|| {
-            let shared = CircuitBreakerLayer::new().shared;
-            shared.mode.store(DISABLED, Relaxed);
-            shared
-        });
-        CircuitBreaker {
-            inner,
-            shared: shared.clone(),
         }
     }
 
@@ -202,24 +205,8 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        match self.shared.mode.load(Relaxed) {
-            AUTO => {}
-            DISABLED => return ResponseFuture::called(self.inner.call(req), None),
-            _ => {
-                let open = self.shared.registry.config.open_base;
-                return ResponseFuture::refused(CircuitOpen::new(open));
-            }
-        }
-        let pin = self.shared.registry.pin(&req);
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            // Into the request's span, when there is one with the field (`Upstream`'s).
-            tracing::Span::current().record("breaker_key", &*pin.core.key);
-        }
-        match pin.core.try_acquire() {
-            Ok(admit) => {
-                let permit = Permit::new(pin, admit);
-                ResponseFuture::called(self.inner.call(req), Some(permit))
-            }
+        match self.shared.admit(&req) {
+            Ok(permit) => ResponseFuture::called(self.inner.call(req), permit),
             Err(open) => ResponseFuture::refused(open),
         }
     }

@@ -83,8 +83,6 @@ mod layer;
 
 pub(crate) mod cover;
 
-pub(crate) use self::future::Timer;
-
 use std::fmt;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -227,13 +225,20 @@ impl Config {
     }
 
     /// The deadline this layer gives a request (before any earlier one is considered), if any.
-    fn deadline_of<B>(&self, req: &Request<B>, now: Instant) -> Option<Instant> {
+    /// `grpc` is whether the request is gRPC, when the caller knows: only a gRPC request's
+    /// `grpc-timeout` is read then.
+    fn deadline_of<B>(
+        &self,
+        req: &Request<B>,
+        now: Instant,
+        grpc: Option<bool>,
+    ) -> Option<Instant> {
         let mut at = self.timeout.map(|t| saturating_add(now, t));
         let mut cap = |t: Duration| {
             let t = saturating_add(now, t);
             at = Some(at.map_or(t, |at| at.min(t)));
         };
-        if self.grpc_timeout {
+        if self.grpc_timeout && grpc != Some(false) {
             if let Some(t) = grpc::timeout_of(req.headers()) {
                 cap(t);
             }
@@ -264,7 +269,7 @@ impl Config {
     #[inline]
     pub(crate) fn start_grpc<B>(&self, req: &mut Request<B>, grpc: Option<bool>) -> Start {
         let now = cover::now();
-        let own = self.deadline_of(req, now);
+        let own = self.deadline_of(req, now, grpc);
         let earlier = RequestDeadline::of(req).map(|d| d.instant());
         let (at, ours) = match (own, earlier) {
             (None, None) => return Start::Untimed,

@@ -8,18 +8,21 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::BoxError;
 use tower_service::Service;
 
 use super::backoff::{pushback, Pushback};
+use super::budget::stripe_index;
 use super::policy::{Outcome, RequestHead};
 use super::replay::{lock, ReplayBody, State};
-use super::{Attempts, Policy, Stripe};
+use super::{Attempts, Config, Policy};
 use crate::deadline::{cover, RequestDeadline};
 use crate::fault::Fault;
 use crate::grpc;
+use crate::stripe::Stripe;
 
 pin_project! {
     /// The response future of [`Retry`](super::Retry).
@@ -60,17 +63,28 @@ pin_project! {
 
 pub(crate) struct Ctx<S, P, B> {
     /// This thread's stripe's reference to the layer's configuration.
-    pub(crate) config: Arc<Stripe<P>>,
+    pub(crate) config: Arc<Stripe<Config<P>>>,
     pub(crate) service: S,
-    pub(crate) head: http::request::Parts,
+    pub(crate) tries: Tries<B>,
+}
+
+/// A request that may be retried: the budget stripe it deposited in, and what later
+/// attempts need.
+pub(crate) type Begun<B> = (usize, Tries<B>);
+
+/// What a retry keeps of a request to send it again, and how the attempts went so far.
+/// Shared by [`Retry`](super::Retry) and [`Upstream`](crate::Upstream), which each keep the
+/// service to call and the configuration themselves.
+pub(crate) struct Tries<B> {
+    head: http::request::Parts,
     /// The deadline a `Deadline` above shared without an extension (inside `Upstream`); one
     /// in the head's extensions travels with the head.
-    pub(crate) deadline: Option<Instant>,
+    deadline: Option<Instant>,
     /// The recorded body; `None` when the body was empty.
-    pub(crate) replay: Option<Arc<Mutex<State<B>>>>,
-    pub(crate) attempts: u32,
+    replay: Option<Arc<Mutex<State<B>>>>,
+    attempts: u32,
     /// The previous backoff, in nanoseconds (for decorrelated jitter).
-    pub(crate) prev_delay_ns: u64,
+    prev_delay_ns: u64,
 }
 
 impl<S, P, B> ResponseFuture<S, P, B>
@@ -111,11 +125,8 @@ where
                 match stage.as_mut().project() {
                     StageProj::Calling { fut } => {
                         let res = ready!(fut.poll(cx)).map_err(Into::into);
-                        if ctx.attempts >= ctx.config.max_attempts {
-                            return Poll::Ready(finish(res, ctx.attempts));
-                        }
-                        match ctx.decide(&res) {
-                            None => return Poll::Ready(finish(res, ctx.attempts)),
+                        match ctx.tries.decide(&ctx.config, &res) {
+                            None => return Poll::Ready(finish(res, ctx.tries.attempts)),
                             Some(delay) => {
                                 drop(res);
                                 if delay.is_zero() {
@@ -136,11 +147,13 @@ where
                         if let Err(e) = ready!(ctx.service.poll_ready(cx)) {
                             return Poll::Ready(Err(e.into()));
                         }
-                        let req = ctx.next_request();
-                        ctx.attempts += 1;
+                        let req = ctx.tries.next_request();
                         let fut = {
                             // The layers below read the private deadline while called.
-                            let _shared = ctx.deadline.map(|d| cover::Shared::share(None, Some(d)));
+                            let _shared = ctx
+                                .tries
+                                .deadline
+                                .map(|d| cover::Shared::share(None, Some(d)));
                             ctx.service.call(req)
                         };
                         stage.set(Stage::Calling { fut });
@@ -153,7 +166,7 @@ where
 
 /// Marks a response that took more than one attempt (inserting an extension allocates, so
 /// the first-attempt happy path does not).
-fn finish<ResB>(
+pub(crate) fn finish<ResB>(
     res: Result<Response<ResB>, BoxError>,
     attempts: u32,
 ) -> Result<Response<ResB>, BoxError> {
@@ -165,38 +178,84 @@ fn finish<ResB>(
     })
 }
 
-impl<S, P: Policy, B> Ctx<S, P, B> {
+impl<B> Tries<B> {
+    /// Starts a request: when `cfg` may retry it, deposits in the budget (`now` gives the
+    /// time when the budget needs it) and keeps a copy of its head and, unless it is empty,
+    /// a recording of its body. Returns the request to send first and, when it may be
+    /// retried, the stripe it deposited in and what later attempts need.
+    #[inline]
+    pub(crate) fn begin<P: Policy>(
+        cfg: &Config<P>,
+        req: Request<B>,
+        now: impl FnOnce() -> Instant,
+        deadline: Option<Instant>,
+    ) -> (Request<ReplayBody<B>>, Option<Begun<B>>)
+    where
+        B: Body,
+    {
+        if cfg.max_attempts <= 1 || !cfg.policy.may_retry(RequestHead::of(&req)) {
+            return (req.map(ReplayBody::passthrough), None);
+        }
+        let stripe = stripe_index();
+        cfg.budget.deposit_in(stripe, now);
+        let (parts, body) = req.into_parts();
+        let head = parts.clone();
+        let (first, replay) = if body.is_end_stream() {
+            (ReplayBody::passthrough(body), None)
+        } else {
+            let shared = State::new(body, cfg.body_limit);
+            (ReplayBody::replay(&shared), Some(shared))
+        };
+        let tries = Tries {
+            head,
+            deadline,
+            replay,
+            attempts: 1,
+            prev_delay_ns: 0,
+        };
+        (Request::from_parts(parts, first), Some((stripe, tries)))
+    }
+
+    /// Attempts made so far.
+    #[inline]
+    pub(crate) fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
     /// After an attempt: `Some(delay)` to retry after `delay`, `None` to return the outcome.
     /// The happy path: a response the policy does not retry costs one policy call.
     #[inline]
-    fn decide<ResB>(&mut self, res: &Result<Response<ResB>, BoxError>) -> Option<Duration> {
+    pub(crate) fn decide<P: Policy, ResB>(
+        &mut self,
+        cfg: &Config<P>,
+        res: &Result<Response<ResB>, BoxError>,
+    ) -> Option<Duration> {
+        if self.attempts >= cfg.max_attempts {
+            return None;
+        }
         if let Ok(rsp) = res {
             let outcome = Outcome::Response {
                 status: rsp.status(),
                 headers: rsp.headers(),
             };
-            if !self
-                .config
+            if !cfg
                 .policy
                 .should_retry(RequestHead::of_parts(&self.head), &outcome)
             {
                 return None;
             }
-            return self.decide_slow(res, true);
+            return self.decide_slow(cfg, res, true);
         }
-        self.decide_slow(res, false)
+        self.decide_slow(cfg, res, false)
     }
 
     #[inline(never)]
-    fn decide_slow<ResB>(
+    fn decide_slow<P: Policy, ResB>(
         &mut self,
+        cfg: &Config<P>,
         res: &Result<Response<ResB>, BoxError>,
         policy_said_yes: bool,
     ) -> Option<Duration> {
-        let cfg = &*self.config;
-        if self.attempts >= cfg.max_attempts {
-            return None;
-        }
         let head = RequestHead::of_parts(&self.head);
         let classification;
         let (outcome, what) = match res {
@@ -283,7 +342,8 @@ impl<S, P: Policy, B> Ctx<S, P, B> {
         Some(delay)
     }
 
-    fn next_request(&self) -> Request<ReplayBody<B>> {
+    /// The next attempt's request (counted as made).
+    pub(crate) fn next_request(&mut self) -> Request<ReplayBody<B>> {
         let mut parts = self.head.clone();
         if grpc::is_grpc(&parts.headers) {
             parts.headers.insert(
@@ -295,6 +355,7 @@ impl<S, P: Policy, B> Ctx<S, P, B> {
             Some(shared) => ReplayBody::replay(shared),
             None => ReplayBody::empty(),
         };
+        self.attempts += 1;
         Request::from_parts(parts, body)
     }
 }
@@ -322,7 +383,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (kind, attempts) = match &self.kind {
             Kind::Once { .. } => ("once", 1),
-            Kind::Retrying { ctx, .. } => ("retrying", ctx.attempts),
+            Kind::Retrying { ctx, .. } => ("retrying", ctx.tries.attempts),
         };
         f.debug_struct("ResponseFuture")
             .field("kind", &kind)

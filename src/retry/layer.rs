@@ -39,9 +39,14 @@ impl Default for RetryLayer {
 }
 
 impl<P> RetryLayer<P> {
+    /// The state shared by every service this layer makes.
+    pub(crate) fn shared(&self) -> &Arc<Shared<P>> {
+        &self.shared
+    }
+
     /// The budget shared by every service this layer makes.
     pub fn budget(&self) -> &RetryBudget {
-        &self.shared.config().budget
+        &self.shared.get().budget
     }
 }
 
@@ -56,7 +61,7 @@ impl<P> Clone for RetryLayer<P> {
 impl<P: fmt::Debug> fmt::Debug for RetryLayer<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryLayer")
-            .field("config", self.shared.config())
+            .field("config", self.shared.get())
             .finish()
     }
 }

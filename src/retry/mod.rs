@@ -111,10 +111,12 @@ pub use self::layer::{RetryLayer, RetryLayerBuilder};
 pub use self::policy::{DefaultPolicy, Idempotent, Outcome, Policy, RequestHead};
 pub use self::replay::ReplayBody;
 
+pub(crate) use self::budget::STRIPES;
+pub(crate) use self::future::{finish, Tries};
 use self::future::{Ctx, ResponseFuture};
-use self::replay::State;
 use crate::deadline::cover;
 use crate::fault::Classifier;
+use crate::stripe::Striped;
 
 /// How many attempts a request took, in the final response's extensions when it took more
 /// than one (inserting an extension allocates, so the first-attempt happy path does not);
@@ -162,50 +164,9 @@ impl<P: fmt::Debug> fmt::Debug for Config<P> {
     }
 }
 
-/// The configuration of a layer, and one reference to it per budget stripe.
-///
-/// Every request's future holds a reference to the configuration until it completes. One
-/// shared `Arc` would make every request, on every core, write its reference count: the
-/// cache line would bounce between cores. A request takes its thread's stripe's reference
-/// instead (the stripe it deposits in), whose count only that stripe's threads write, as
-/// the breaker does with its pins.
-pub(crate) struct Shared<P> {
-    config: Arc<Config<P>>,
-    stripes: Box<[Arc<Stripe<P>>]>,
-}
-
-impl<P> Shared<P> {
-    pub(crate) fn new(config: Config<P>) -> Self {
-        let config = Arc::new(config);
-        let stripes = (0..budget::STRIPES)
-            .map(|_| {
-                Arc::new(Stripe {
-                    config: config.clone(),
-                })
-            })
-            .collect();
-        Shared { config, stripes }
-    }
-
-    pub(crate) fn config(&self) -> &Config<P> {
-        &self.config
-    }
-}
-
-/// One stripe's reference to the configuration, alone on its cache line(s).
-#[repr(align(128))]
-pub(crate) struct Stripe<P> {
-    config: Arc<Config<P>>,
-}
-
-impl<P> std::ops::Deref for Stripe<P> {
-    type Target = Config<P>;
-
-    #[inline]
-    fn deref(&self) -> &Config<P> {
-        &self.config
-    }
-}
+/// The configuration of a layer, referenced per request through the thread's budget
+/// stripe (see [`Striped`]).
+pub(crate) type Shared<P> = Striped<Config<P>>;
 
 /// Retries upstream requests; see the [module docs](self).
 pub struct Retry<S, P = DefaultPolicy> {
@@ -227,7 +188,7 @@ impl<S, P> Retry<S, P> {
 
     /// The budget this service draws on (shared with its clones and its layer).
     pub fn budget(&self) -> &RetryBudget {
-        &self.shared.config.budget
+        &self.shared.get().budget
     }
 
     inner_accessors!("service", S);
@@ -252,7 +213,7 @@ impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for Retry<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
-            .field("config", &self.shared.config)
+            .field("config", self.shared.get())
             .finish()
     }
 }
@@ -274,38 +235,23 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let cfg = &*self.shared.config;
-        if cfg.max_attempts <= 1 || !cfg.policy.may_retry(policy::RequestHead::of(&req)) {
-            return ResponseFuture::once(self.inner.call(req.map(ReplayBody::passthrough)));
-        }
-        let stripe = budget::stripe_index();
         // When the budget needs the time, a `Deadline` calling us synchronously shares its
-        // clock reading (no second read).
-        cfg.budget.deposit_in(stripe, cover::now);
-        let (parts, body) = req.into_parts();
-        let head = parts.clone();
-        let (first, replay) = if body.is_end_stream() {
-            (ReplayBody::passthrough(body), None)
-        } else {
-            let shared = State::new(body, cfg.body_limit);
-            (ReplayBody::replay(&shared), Some(shared))
-        };
+        // clock reading (no second read), and maybe its deadline.
+        let (req, tries) = Tries::begin(self.shared.get(), req, cover::now, cover::deadline());
         // Call the service that was polled ready; keep a clone for later attempts (it is
         // polled ready again before each of them).
-        let fut = self.inner.call(Request::from_parts(parts, first));
-        let service = self.inner.clone();
-        ResponseFuture::retrying(
-            fut,
-            Ctx {
-                config: self.shared.stripes[stripe].clone(),
-                service,
-                head,
-                deadline: cover::deadline(),
-                replay,
-                attempts: 1,
-                prev_delay_ns: 0,
-            },
-        )
+        let fut = self.inner.call(req);
+        match tries {
+            None => ResponseFuture::once(fut),
+            Some((stripe, tries)) => ResponseFuture::retrying(
+                fut,
+                Ctx {
+                    config: self.shared.stripe(stripe),
+                    service: self.inner.clone(),
+                    tries,
+                },
+            ),
+        }
     }
 }
 

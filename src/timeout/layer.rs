@@ -23,6 +23,14 @@ impl AttemptTimeoutLayer {
         }
     }
 
+    /// The settings, for `Upstream`, which runs the timeout in its own future.
+    pub(crate) fn config(&self) -> super::Config {
+        super::Config {
+            timeout: self.timeout,
+            propagate: self.propagate,
+        }
+    }
+
     /// A builder for the other settings.
     pub fn builder() -> AttemptTimeoutBuilder {
         AttemptTimeoutBuilder {
@@ -38,8 +46,7 @@ impl<S> Layer<S> for AttemptTimeoutLayer {
     fn layer(&self, inner: S) -> Self::Service {
         AttemptTimeout {
             inner,
-            timeout: Some(self.timeout),
-            propagate: self.propagate,
+            config: self.config(),
         }
     }
 }

@@ -78,6 +78,8 @@ use std::time::Duration;
 use http::Request;
 use tower_service::Service;
 
+use tokio::time::Instant;
+
 use crate::deadline::{cover, saturating_add, RequestDeadline};
 use crate::grpc;
 use crate::BoxError;
@@ -90,10 +92,7 @@ pub use self::layer::{AttemptTimeoutBuilder, AttemptTimeoutLayer};
 #[derive(Clone)]
 pub struct AttemptTimeout<S> {
     inner: S,
-    /// `None`: a pass-through (inside `Upstream` without an attempt timeout), so that the
-    /// stack's type and its futures' layout do not depend on the configuration.
-    timeout: Option<Duration>,
-    propagate: bool,
+    config: Config,
 }
 
 impl<S> AttemptTimeout<S> {
@@ -103,17 +102,10 @@ impl<S> AttemptTimeout<S> {
     pub fn new(inner: S, timeout: Duration) -> Self {
         AttemptTimeout {
             inner,
-            timeout: Some(timeout),
-            propagate: true,
-        }
-    }
-
-    /// A pass-through: calls `inner` as is, its errors boxed.
-    pub(crate) fn off(inner: S) -> Self {
-        AttemptTimeout {
-            inner,
-            timeout: None,
-            propagate: false,
+            config: Config {
+                timeout,
+                propagate: true,
+            },
         }
     }
 
@@ -129,8 +121,8 @@ impl<S: fmt::Debug> fmt::Debug for AttemptTimeout<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AttemptTimeout")
             .field("inner", &self.inner)
-            .field("timeout", &self.timeout)
-            .field("propagate", &self.propagate)
+            .field("timeout", &self.config.timeout)
+            .field("propagate", &self.config.propagate)
             .finish()
     }
 }
@@ -153,19 +145,110 @@ where
         // Taken even when not needed: it is about this request only, not about one that the
         // service below might make.
         let grpc = cover::take_grpc();
-        let Some(timeout) = self.timeout else {
-            return future::ResponseFuture::untimed(self.inner.call(req));
-        };
-        let deadline = request_deadline(&req);
-        let propagate = self.propagate && grpc.unwrap_or_else(|| grpc::is_grpc(req.headers()));
-        if deadline.is_none() && !propagate {
-            // Nothing needs the clock yet: it is read if and when the attempt has to wait.
-            return future::ResponseFuture::lazy(self.inner.call(req), timeout);
+        match self
+            .config
+            .start(&mut req, grpc, cover::deadline(), cover::now)
+        {
+            Timing::Spent => future::ResponseFuture::spent(),
+            timing => future::ResponseFuture::new(self.inner.call(req), timing),
         }
-        let now = cover::now();
-        let attempt_at = saturating_add(now, timeout);
+    }
+}
+
+/// An attempt timeout's settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Config {
+    pub(crate) timeout: Duration,
+    /// Tell a gRPC upstream (`grpc-timeout`).
+    pub(crate) propagate: bool,
+}
+
+/// When an attempt must end, as decided when it starts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Timing {
+    /// Never.
+    Untimed,
+    /// Its timeout after `start`, or after it first has to wait when `None` (the clock is
+    /// read then), or at `deadline` if that comes first: worked out only if the attempt has
+    /// to wait.
+    Lazy {
+        start: Option<Instant>,
+        timeout: Duration,
+        deadline: Option<Instant>,
+    },
+    /// At `at`: the request's deadline when `by_deadline`, else its own timeout.
+    At { at: Instant, by_deadline: bool },
+    /// The request's deadline passed before the attempt started.
+    Spent,
+}
+
+impl Timing {
+    /// When the attempt must end, and whether that is the deadline; `None` when never. A
+    /// lazy timing reads the clock now and keeps the result.
+    #[inline]
+    pub(crate) fn resolve(&mut self) -> Option<(Instant, bool)> {
+        match *self {
+            Timing::Untimed | Timing::Spent => None,
+            Timing::Lazy {
+                start,
+                timeout,
+                deadline,
+            } => {
+                let own = saturating_add(start.unwrap_or_else(Instant::now), timeout);
+                let (at, by_deadline) = match deadline {
+                    Some(d) if d <= own => (d, true),
+                    _ => (own, false),
+                };
+                *self = Timing::At { at, by_deadline };
+                Some((at, by_deadline))
+            }
+            Timing::At { at, by_deadline } => Some((at, by_deadline)),
+        }
+    }
+}
+
+impl Config {
+    /// Starts an attempt of `req`: when it must end, given the deadline shared by a layer
+    /// above (`deadline`, folded with one in the extensions); tells a gRPC upstream how long
+    /// it has. `grpc` is whether the request is gRPC, when the caller knows; `now` reads
+    /// the clock (only when needed).
+    #[inline]
+    pub(crate) fn start<B>(
+        &self,
+        req: &mut Request<B>,
+        grpc: Option<bool>,
+        deadline: Option<Instant>,
+        now: impl FnOnce() -> Instant,
+    ) -> Timing {
+        let ext = RequestDeadline::of(req).map(|d| d.instant());
+        let deadline = match (ext, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let propagate = self.propagate && grpc.unwrap_or_else(|| grpc::is_grpc(req.headers()));
+        if !propagate {
+            let Some(d) = deadline else {
+                // Nothing needs the clock yet: it is read if and when the attempt has to wait.
+                return Timing::Lazy {
+                    start: None,
+                    timeout: self.timeout,
+                    deadline: None,
+                };
+            };
+            let now = now();
+            if d <= now {
+                return Timing::Spent;
+            }
+            return Timing::Lazy {
+                start: Some(now),
+                timeout: self.timeout,
+                deadline,
+            };
+        }
+        let now = now();
+        let attempt_at = saturating_add(now, self.timeout);
         let (at, by_deadline) = match deadline {
-            Some(d) if d <= now => return future::ResponseFuture::spent(),
+            Some(d) if d <= now => return Timing::Spent,
             Some(d) if d <= attempt_at => (d, true),
             _ => (attempt_at, false),
         };
@@ -177,17 +260,6 @@ where
                     .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(limit));
             }
         }
-        future::ResponseFuture::new(self.inner.call(req), at, by_deadline)
-    }
-}
-
-/// The request's deadline: its extension's, or the one a `Deadline` inside `Upstream` shares
-/// while calling (see [`cover`]), the earlier of the two.
-#[inline]
-fn request_deadline<B>(req: &Request<B>) -> Option<tokio::time::Instant> {
-    let ext = RequestDeadline::of(req).map(|d| d.instant());
-    match (ext, cover::deadline()) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+        Timing::At { at, by_deadline }
     }
 }

@@ -112,6 +112,18 @@
 //! layer behaves as it does alone. A deadline already on the incoming request is honoured
 //! either way.
 //!
+//! An incoming `grpc-timeout` caps the deadline of gRPC requests (`content-type:
+//! application/grpc…`); the stack does not look for one on other requests.
+//!
+//! # One future, one timer
+//!
+//! The parts run as one state machine in [`Upstream`]'s own future, with the standalone
+//! layers' code: the retry's decisions, the breaker's permits, the attempt timeout's and the
+//! deadline's timing. A request arms at most one timer at a time (the attempt's end, which
+//! is its timeout or the deadline, whichever comes first; a backoff; or the deadline while
+//! the next attempt waits for the service), and none while the service answers without
+//! waiting. The behaviour is the one of the layers composed in the order below.
+//!
 //! # Body types
 //!
 //! The service you wrap receives `Request<ReplayBody<B>>` (the retry records the body to
@@ -134,44 +146,39 @@
 //! [`CircuitBreaker`]: crate::CircuitBreaker
 //! [`AttemptTimeout`]: crate::AttemptTimeout
 
+mod future;
+
 use std::convert::Infallible;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
-use pin_project_lite::pin_project;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::load_shed::error::Overloaded;
 use tower::BoxError;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::breaker::{BreakerHandle, CircuitBreaker, CircuitBreakerLayer};
+pub use self::future::ResponseFuture;
+
+use crate::breaker::{self, BreakerHandle, CircuitBreakerLayer};
 use crate::deadline::{self, DeadlineExceeded, DeadlineLayer, Start};
 use crate::error::ConfigError;
 use crate::fault::Classifier;
 use crate::grpc;
 use crate::map_faults::{self, FaultBody, MapFaultsLayer, ReadyError};
-use crate::retry::{Attempts, DefaultPolicy, Policy, ReplayBody, Retry, RetryBudget, RetryLayer};
-use crate::timeout::{AttemptTimeout, AttemptTimeoutLayer};
+use crate::retry::{self, DefaultPolicy, Policy, ReplayBody, RetryBudget, RetryLayer};
+use crate::stripe::Striped;
+use crate::timeout::{self, AttemptTimeoutLayer};
 
 /// The default overall deadline of a request.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The default timeout of one attempt.
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
-
-// The layers below the deadline, innermost first. Private: `Upstream<S>` is what users name.
-// A part that is off is its layer's pass-through rather than an `Either` of two services:
-// every wrapper level copies the future below it once more when it is made.
-type Timed<S> = AttemptTimeout<S>;
-type Broken<S> = CircuitBreaker<Timed<S>>;
-type Retried<S, P> = Retry<Broken<S>, P>;
 
 /// The whole stack around a service `S`, made by an [`UpstreamLayer`]. See the
 /// [module docs](self).
@@ -180,16 +187,26 @@ type Retried<S, P> = Retry<Broken<S>, P>;
 /// `Response = http::Response<FaultBody<R>>` when `S` implements
 /// `Service<http::Request<ReplayBody<B>>, Response = http::Response<R>>`.
 ///
-/// The outer parts (fault answers, the deadline, the concurrency limit) run in this
-/// service's own call and future, with the same code as [`MapFaults`](crate::MapFaults)
-/// and [`Deadline`](crate::Deadline): one future for the three rather than one wrapped in
-/// another, which would copy the futures below once per level.
+/// Every part runs in this service's own call and future, with the same code as the
+/// standalone layers ([`MapFaults`](crate::MapFaults), [`Deadline`](crate::Deadline),
+/// [`Retry`](crate::Retry), [`CircuitBreaker`](crate::CircuitBreaker),
+/// [`AttemptTimeout`](crate::AttemptTimeout)): one future and one timer per request rather
+/// than a future per layer wrapped in the next, which would copy the futures below once per
+/// level.
 pub struct Upstream<S, P = DefaultPolicy> {
-    inner: Retried<S, P>,
+    inner: S,
+    stack: Arc<Striped<Stack<P>>>,
     map_faults: map_faults::Config,
     ready_error: ReadyError,
     deadline: Option<deadline::Config>,
     limit: Option<Limit>,
+}
+
+/// The parts every attempt goes through, made once per layer.
+pub(crate) struct Stack<P> {
+    retry: Arc<retry::Shared<P>>,
+    breaker: Option<Arc<breaker::Shared>>,
+    attempt: Option<timeout::Config>,
 }
 
 /// The concurrency limit with load shedding, as tower's `ConcurrencyLimit` under
@@ -222,6 +239,7 @@ impl<S: Clone, P> Clone for Upstream<S, P> {
     fn clone(&self) -> Self {
         Upstream {
             inner: self.inner.clone(),
+            stack: self.stack.clone(),
             map_faults: self.map_faults.clone(),
             ready_error: self.ready_error.clone(),
             deadline: self.deadline.clone(),
@@ -234,6 +252,10 @@ impl<S, P> fmt::Debug for Upstream<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upstream").finish_non_exhaustive()
     }
+}
+
+impl<S, P> Upstream<S, P> {
+    inner_accessors!("service", S);
 }
 
 impl<S, P, B, ResB> Service<Request<B>> for Upstream<S, P>
@@ -306,141 +328,40 @@ impl<S, P> Upstream<S, P> {
         P: Policy,
         B: Body,
     {
-        // Read once: the deadline and the attempt timeout below learn it (see `cover`).
+        // Read once, for the fault answers, the deadline and every attempt's timeout.
         let grpc = grpc::is_grpc(req.headers());
         let map_faults = self.map_faults.for_request(grpc);
-        let answer = |error: BoxError| ResponseFuture {
-            state: State::Answer { error: Some(error) },
-            map_faults: map_faults.clone(),
-            span: span.clone(),
-        };
         if let Some(error) = self.ready_error.take() {
-            return answer(error);
+            return ResponseFuture::answer(error, map_faults, span);
         }
         let start = match &self.deadline {
             Some(config) => config.start_grpc(&mut req, Some(grpc)),
             None => Start::Untimed,
         };
-        let timer = match start {
-            Start::Untimed => None,
-            Start::Spent => return answer(DeadlineExceeded::before_start().into()),
-            Start::Timed { at, .. } => Some(deadline::Timer::new(at)),
+        let clock = match start {
+            Start::Untimed => (None, None),
+            Start::Spent => {
+                let error = DeadlineExceeded::before_start().into();
+                return ResponseFuture::answer(error, map_faults, span);
+            }
+            Start::Timed { at, now, .. } => (Some(now), Some(at)),
         };
         let permit = match &mut self.limit {
-            Some(limit) if limit.shed => return answer(Overloaded::new().into()),
+            Some(limit) if limit.shed => {
+                return ResponseFuture::answer(Overloaded::new().into(), map_faults, span)
+            }
             Some(limit) => limit.permit.take(),
             None => None,
         };
-        let fut = {
-            let _shared = start.share_grpc(Some(grpc));
-            self.inner.call(req)
-        };
-        ResponseFuture {
-            state: State::Called { fut, timer, permit },
+        ResponseFuture::start(
+            &mut self.inner,
+            &self.stack,
+            req,
+            clock,
+            permit,
             map_faults,
             span,
-        }
-    }
-}
-
-pin_project! {
-    /// Response future of [`Upstream`]: never fails.
-    pub struct ResponseFuture<S, P, B, ResB>
-    where
-        S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
-        S: Clone,
-        S::Error: Into<BoxError>,
-        P: Policy,
-        B: Body,
-    {
-        #[pin]
-        state: State<<Retried<S, P> as Service<Request<B>>>::Future>,
-        // The fault answers' settings, with the request's gRPC flag folded in.
-        map_faults: map_faults::Config,
-        span: tracing::Span,
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State<F> {
-        Called {
-            #[pin]
-            fut: F,
-            timer: Option<deadline::Timer>,
-            // Released when the answer is ready.
-            permit: Option<OwnedSemaphorePermit>,
-        },
-        // Answered without calling the retry: a `poll_ready` error, a spent deadline, shed.
-        Answer {
-            error: Option<BoxError>,
-        },
-    }
-}
-
-impl<S, P, B, ResB> fmt::Debug for ResponseFuture<S, P, B, ResB>
-where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>> + Clone,
-    S::Error: Into<BoxError>,
-    P: Policy,
-    B: Body,
-{
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-impl<S, P, B, ResB> Future for ResponseFuture<S, P, B, ResB>
-where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>> + Clone,
-    S::Error: Into<BoxError>,
-    P: Policy,
-    B: Body,
-{
-    type Output = Result<Response<FaultBody<ResB>>, Infallible>;
-
-    #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let _entered = (!this.span.is_disabled()).then(|| this.span.enter());
-        let result = match this.state.project() {
-            StateProj::Called { fut, timer, permit } => {
-                let result = match timer {
-                    Some(timer) => ready!(timer.poll(fut, cx)),
-                    None => ready!(fut.poll(cx)),
-                };
-                drop(permit.take());
-                result
-            }
-            StateProj::Answer { error } => Err(error
-                .take()
-                .expect("ResponseFuture polled after completion")),
-        };
-        let res = map_faults::answer(this.map_faults, result);
-        if !this.span.is_disabled() {
-            record(this.span, &res);
-        }
-        Poll::Ready(Ok(res))
-    }
-}
-
-/// Records the answer on the request's span: the status, and the fault the stack answered
-/// for or, when the upstream answered, the attempts it took (a fault answer does not carry
-/// the count).
-fn record<B>(span: &tracing::Span, res: &Response<B>) {
-    span.record("status", res.status().as_u16());
-    let fault = res
-        .headers()
-        .get("proxy-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').find_map(|p| p.trim().strip_prefix("error=")));
-    match fault {
-        Some(fault) => {
-            span.record("fault", fault.split(',').next().unwrap_or(fault));
-        }
-        None => {
-            span.record("attempts", Attempts::of(res));
-        }
+        )
     }
 }
 
@@ -451,6 +372,7 @@ pub struct UpstreamLayer<P = DefaultPolicy> {
     map_faults: MapFaultsLayer,
     deadline: Option<DeadlineLayer>,
     limit: Option<Arc<Semaphore>>,
+    stack: Arc<Striped<Stack<P>>>,
     retry: RetryLayer<P>,
     retrying: bool,
     breaker: Option<CircuitBreakerLayer>,
@@ -498,6 +420,7 @@ impl<P> Clone for UpstreamLayer<P> {
             map_faults: self.map_faults.clone(),
             deadline: self.deadline.clone(),
             limit: self.limit.clone(),
+            stack: self.stack.clone(),
             retry: self.retry.clone(),
             retrying: self.retrying,
             breaker: self.breaker.clone(),
@@ -523,16 +446,9 @@ impl<S, P> Layer<S> for UpstreamLayer<P> {
     type Service = Upstream<S, P>;
 
     fn layer(&self, inner: S) -> Upstream<S, P> {
-        let timed = match &self.attempt_timeout {
-            Some(layer) => layer.layer(inner),
-            None => AttemptTimeout::off(inner),
-        };
-        let broken = match &self.breaker {
-            Some(layer) => layer.layer(timed),
-            None => CircuitBreaker::off(timed),
-        };
         Upstream {
-            inner: self.retry.layer(broken),
+            inner,
+            stack: self.stack.clone(),
             map_faults: self.map_faults.config().clone(),
             ready_error: ReadyError::default(),
             deadline: self.deadline.as_ref().map(|l| l.config().clone()),
@@ -772,10 +688,16 @@ impl<P> UpstreamBuilder<P> {
             Part::Off => None,
         };
         let retry = (self.retry)(classifier)?;
+        let stack = Arc::new(Striped::new(Stack {
+            retry: retry.shared().clone(),
+            breaker: breaker.as_ref().map(|b| b.shared.clone()),
+            attempt: attempt_timeout.as_ref().map(AttemptTimeoutLayer::config),
+        }));
         Ok(UpstreamLayer {
             map_faults,
             deadline,
             limit,
+            stack,
             retry,
             retrying: self.retrying,
             breaker,

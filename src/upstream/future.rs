@@ -1,0 +1,395 @@
+//! The response future of [`Upstream`](super::Upstream): the whole stack as one state
+//! machine.
+//!
+//! Nesting one future per layer (deadline over retry over breaker over attempt timeout)
+//! costs a copy of every future below each time a level is built, and a timer per timed
+//! level. Here the retry, the breaker and the attempt timeout keep their state side by
+//! side, around the inner service's own future, and share one timer: the attempt's end
+//! (its timeout, or the deadline when that comes first), the backoff, or the deadline while
+//! the next attempt waits for the service to be ready. Each part's logic is the standalone
+//! layer's own ([`Tries`], [`Permit`], [`Timing`]).
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::ops::ControlFlow;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{sleep_until, Instant, Sleep};
+use tower::BoxError;
+use tower_service::Service;
+
+use super::Stack;
+use crate::breaker::Permit;
+use crate::deadline::{cover, saturating_add, DeadlineExceeded};
+use crate::map_faults::{self, FaultBody};
+use crate::retry::{finish, Attempts, Policy, ReplayBody, Tries};
+use crate::stripe::{Stripe, Striped};
+use crate::timeout::error::Elapsed;
+use crate::timeout::Timing;
+
+pin_project! {
+    /// Response future of [`Upstream`](super::Upstream): never fails.
+    pub struct ResponseFuture<S, P, B, ResB>
+    where
+        S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
+    {
+        #[pin]
+        phase: Phase<S::Future>,
+        // The one timer, made when first needed and moved for each later need.
+        #[pin]
+        sleep: Option<Sleep>,
+        run: Run<S, P, B>,
+        span: tracing::Span,
+    }
+}
+
+pin_project! {
+    #[project = PhaseProj]
+    enum Phase<F> {
+        // An attempt in flight.
+        Attempt { #[pin] fut: F },
+        // An attempt that failed before the service was called (circuit open, no time left).
+        Failed { error: Option<BoxError> },
+        // Waiting out a backoff.
+        Backoff { until: Instant },
+        // Waiting for the service's clone to be ready for the next attempt.
+        Ready,
+        // Answered without an attempt: a `poll_ready` error, a spent deadline, shed.
+        Answer { error: Option<BoxError> },
+    }
+}
+
+/// The request's state besides the phase.
+struct Run<S, P, B> {
+    /// The fault answers' settings, with the request's gRPC flag folded in.
+    map_faults: map_faults::Config,
+    deadline: Option<Instant>,
+    /// When the attempt in flight must end.
+    timing: Timing,
+    /// The breaker's hold on the attempt in flight.
+    permit: Option<Permit>,
+    /// The concurrency limit's permit, released with the answer.
+    limit: Option<OwnedSemaphorePermit>,
+    /// What later attempts need; `None` for a request sent once.
+    later: Option<Later<S, P, B>>,
+}
+
+/// What a request that may be retried keeps for its later attempts.
+struct Later<S, P, B> {
+    /// This thread's stripe's reference to the layer's parts.
+    stack: Arc<Stripe<Stack<P>>>,
+    /// A clone of the service, polled ready before each later attempt.
+    service: S,
+    tries: Tries<B>,
+}
+
+impl<S, P, B, ResB> ResponseFuture<S, P, B, ResB>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
+{
+    /// A future answering `error` without any attempt.
+    pub(super) fn answer(
+        error: BoxError,
+        map_faults: map_faults::Config,
+        span: tracing::Span,
+    ) -> Self {
+        ResponseFuture {
+            phase: Phase::Answer { error: Some(error) },
+            sleep: None,
+            span,
+            run: Run {
+                map_faults,
+                deadline: None,
+                timing: Timing::Untimed,
+                permit: None,
+                limit: None,
+                later: None,
+            },
+        }
+    }
+
+    /// Starts a request that the parts above the retry let through: records it for later
+    /// attempts when the retry may need it, then makes the first attempt. `now` is the
+    /// deadline's clock reading, if it read one.
+    #[inline]
+    pub(super) fn start(
+        service: &mut S,
+        stack: &Striped<Stack<P>>,
+        req: Request<B>,
+        (now, deadline): (Option<Instant>, Option<Instant>),
+        limit: Option<OwnedSemaphorePermit>,
+        map_faults: map_faults::Config,
+        span: tracing::Span,
+    ) -> Self
+    where
+        S: Clone,
+        P: Policy,
+        B: Body,
+    {
+        let parts = stack.get();
+        let clock = || now.unwrap_or_else(Instant::now);
+        let (req, tries) = Tries::begin(parts.retry.get(), req, clock, deadline);
+        let grpc = map_faults.is_grpc();
+        let (phase, permit, timing) = attempt(service, req, parts, grpc, deadline, now);
+        let later = tries.map(|(stripe, tries)| Later {
+            stack: stack.stripe(stripe),
+            service: service.clone(),
+            tries,
+        });
+        ResponseFuture {
+            phase,
+            sleep: None,
+            span,
+            run: Run {
+                map_faults,
+                deadline,
+                timing,
+                permit,
+                limit,
+                later,
+            },
+        }
+    }
+}
+
+/// Starts one attempt on `service`, which was polled ready: the breaker admits it, the
+/// attempt timeout times it (and tells a gRPC upstream), the service is called. Returns the
+/// phase, the breaker's permit and when the attempt must end.
+#[inline]
+fn attempt<S, P, B>(
+    service: &mut S,
+    mut req: Request<ReplayBody<B>>,
+    stack: &Stack<P>,
+    grpc: bool,
+    deadline: Option<Instant>,
+    now: Option<Instant>,
+) -> (Phase<S::Future>, Option<Permit>, Timing)
+where
+    S: Service<Request<ReplayBody<B>>>,
+{
+    let permit = match &stack.breaker {
+        None => None,
+        Some(breaker) => match breaker.admit(&req) {
+            Ok(permit) => permit,
+            Err(open) => {
+                let error = Some(open.into());
+                return (Phase::Failed { error }, None, Timing::Untimed);
+            }
+        },
+    };
+    let timing = match &stack.attempt {
+        Some(config) => config.start(&mut req, Some(grpc), deadline, || {
+            now.unwrap_or_else(Instant::now)
+        }),
+        None => deadline.map_or(Timing::Untimed, |at| Timing::At {
+            at,
+            by_deadline: true,
+        }),
+    };
+    if let Timing::Spent = timing {
+        let error = Some(DeadlineExceeded::before_start().into());
+        return (Phase::Failed { error }, permit, Timing::Untimed);
+    }
+    let fut = {
+        // A layer of the crate's inside the service reads the clock reading and the private
+        // deadline while called, as it would below a `Deadline`.
+        let _shared = deadline.map(|d| cover::Shared::share(now, Some(d)));
+        service.call(req)
+    };
+    (Phase::Attempt { fut }, permit, timing)
+}
+
+/// Polls the one timer, set to fire at `at` (moved there if it was set for another time).
+/// While it is pending, tells a deadline above that the task will be woken by `at`.
+fn poll_timer(mut sleep: Pin<&mut Option<Sleep>>, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+    match sleep.as_mut().as_pin_mut() {
+        Some(armed) if armed.deadline() == at => {}
+        Some(armed) => armed.reset(at),
+        None => sleep.set(Some(sleep_until(at))),
+    }
+    let Some(armed) = sleep.as_pin_mut() else {
+        return Poll::Pending;
+    };
+    let poll = armed.poll(cx);
+    if poll.is_pending() {
+        cover::answer(at);
+    }
+    poll
+}
+
+impl<S, P, B> Run<S, P, B> {
+    /// After an attempt: the breaker counts it, the retry decides. `Break` with the final
+    /// result, or `Continue` with the phase that leads to the next attempt.
+    #[inline]
+    fn attempted<ResB, F>(
+        &mut self,
+        res: Result<Response<ResB>, BoxError>,
+    ) -> ControlFlow<Result<Response<ResB>, BoxError>, Phase<F>>
+    where
+        P: Policy,
+    {
+        if let Some(permit) = self.permit.take() {
+            permit.complete_with(&res);
+        }
+        let Some(later) = &mut self.later else {
+            return ControlFlow::Break(res);
+        };
+        let Some(delay) = later.tries.decide(later.stack.retry.get(), &res) else {
+            return ControlFlow::Break(finish(res, later.tries.attempts()));
+        };
+        drop(res);
+        ControlFlow::Continue(if delay.is_zero() {
+            Phase::Ready
+        } else {
+            Phase::Backoff {
+                until: saturating_add(Instant::now(), delay),
+            }
+        })
+    }
+}
+
+impl<S, P, B, ResB> Future for ResponseFuture<S, P, B, ResB>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    P: Policy,
+{
+    type Output = Result<Response<FaultBody<ResB>>, Infallible>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let run = this.run;
+        let span = this.span;
+        let _entered = (!span.is_disabled()).then(|| span.enter());
+        let result = loop {
+            let next = match this.phase.as_mut().project() {
+                PhaseProj::Attempt { fut } => {
+                    let res = match fut.poll(cx) {
+                        Poll::Ready(res) => res.map_err(Into::into),
+                        Poll::Pending => {
+                            let Some((at, by_deadline)) = run.timing.resolve() else {
+                                return Poll::Pending;
+                            };
+                            if poll_timer(this.sleep.as_mut(), at, cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                            Err(if by_deadline {
+                                DeadlineExceeded::in_flight().into()
+                            } else {
+                                Elapsed::new().into()
+                            })
+                        }
+                    };
+                    run.attempted(res)
+                }
+                PhaseProj::Failed { error } => {
+                    let error = error
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    run.attempted(Err(error))
+                }
+                PhaseProj::Backoff { until } => {
+                    let until = *until;
+                    if poll_timer(this.sleep.as_mut(), until, cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    ControlFlow::Continue(Phase::Ready)
+                }
+                PhaseProj::Ready => {
+                    let Some(later) = &mut run.later else {
+                        unreachable!("only a request that may be retried waits for readiness")
+                    };
+                    match later.service.poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {
+                            let req = later.tries.next_request();
+                            let grpc = run.map_faults.is_grpc();
+                            let (phase, permit, timing) = attempt(
+                                &mut later.service,
+                                req,
+                                &later.stack,
+                                grpc,
+                                run.deadline,
+                                None,
+                            );
+                            run.permit = permit;
+                            run.timing = timing;
+                            ControlFlow::Continue(phase)
+                        }
+                        Poll::Ready(Err(e)) => ControlFlow::Break(Err(e.into())),
+                        Poll::Pending => {
+                            let Some(at) = run.deadline else {
+                                return Poll::Pending;
+                            };
+                            if poll_timer(this.sleep.as_mut(), at, cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                            ControlFlow::Break(Err(DeadlineExceeded::in_flight().into()))
+                        }
+                    }
+                }
+                PhaseProj::Answer { error } => ControlFlow::Break(Err(error
+                    .take()
+                    .expect("ResponseFuture polled after completion"))),
+            };
+            match next {
+                ControlFlow::Break(result) => break result,
+                ControlFlow::Continue(phase) => this.phase.set(phase),
+            }
+        };
+        drop(run.limit.take());
+        let res = map_faults::answer(&run.map_faults, result);
+        if !span.is_disabled() {
+            record(span, &res);
+        }
+        Poll::Ready(Ok(res))
+    }
+}
+
+/// Records the answer on the request's span: the status, and the fault the stack answered
+/// for or, when the upstream answered, the attempts it took (a fault answer does not carry
+/// the count).
+fn record<B>(span: &tracing::Span, res: &Response<B>) {
+    span.record("status", res.status().as_u16());
+    let fault = res
+        .headers()
+        .get("proxy-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').find_map(|p| p.trim().strip_prefix("error=")));
+    match fault {
+        Some(fault) => {
+            span.record("fault", fault.split(',').next().unwrap_or(fault));
+        }
+        None => {
+            span.record("attempts", Attempts::of(res));
+        }
+    }
+}
+
+impl<S, P, B, ResB> fmt::Debug for ResponseFuture<S, P, B, ResB>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let phase = match &self.phase {
+            Phase::Attempt { .. } => "attempt",
+            Phase::Failed { .. } => "failed",
+            Phase::Backoff { .. } => "backoff",
+            Phase::Ready => "ready",
+            Phase::Answer { .. } => "answer",
+        };
+        let attempts = self.run.later.as_ref().map_or(1, |l| l.tries.attempts());
+        f.debug_struct("ResponseFuture")
+            .field("phase", &phase)
+            .field("attempts", &attempts)
+            .field("deadline", &self.run.deadline)
+            .finish_non_exhaustive()
+    }
+}
