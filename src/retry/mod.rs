@@ -111,7 +111,7 @@ pub use self::layer::{RetryLayer, RetryLayerBuilder};
 pub use self::policy::{DefaultPolicy, Idempotent, Outcome, Policy, RequestHead};
 pub use self::replay::ReplayBody;
 
-pub(crate) use self::budget::STRIPES;
+pub(crate) use self::budget::{stripe_index, STRIPES};
 pub(crate) use self::future::{finish, Tries};
 use self::future::{Ctx, ResponseFuture};
 use crate::deadline::cover;

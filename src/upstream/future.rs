@@ -20,12 +20,11 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, Instant, Sleep};
 use tower::BoxError;
 use tower_service::Service;
 
-use super::Stack;
+use super::{limit, Stack};
 use crate::breaker::Permit;
 use crate::deadline::{cover, saturating_add, DeadlineExceeded};
 use crate::map_faults::{self, FaultBody};
@@ -76,7 +75,7 @@ struct Run<S, P, B> {
     /// The breaker's hold on the attempt in flight.
     permit: Option<Permit>,
     /// The concurrency limit's permit, released with the answer.
-    limit: Option<OwnedSemaphorePermit>,
+    limit: Option<limit::Permit<P>>,
     /// What later attempts need; `None` for a request sent once.
     later: Option<Later<S, P, B>>,
 }
@@ -124,7 +123,7 @@ where
         stack: &Striped<Stack<P>>,
         req: Request<B>,
         (now, deadline): (Option<Instant>, Option<Instant>),
-        limit: Option<OwnedSemaphorePermit>,
+        limit: Option<limit::Permit<P>>,
         map_faults: map_faults::Config,
         span: tracing::Span,
     ) -> Self

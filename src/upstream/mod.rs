@@ -147,6 +147,7 @@
 //! [`AttemptTimeout`]: crate::AttemptTimeout
 
 mod future;
+mod limit;
 
 use std::convert::Infallible;
 use std::fmt;
@@ -156,7 +157,6 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::load_shed::error::Overloaded;
 use tower::BoxError;
 use tower_layer::Layer;
@@ -199,7 +199,7 @@ pub struct Upstream<S, P = DefaultPolicy> {
     map_faults: map_faults::Config,
     ready_error: ReadyError,
     deadline: Option<deadline::Config>,
-    limit: Option<Limit>,
+    limit: Reserve<P>,
 }
 
 /// The parts every attempt goes through, made once per layer.
@@ -207,25 +207,15 @@ pub(crate) struct Stack<P> {
     retry: Arc<retry::Shared<P>>,
     breaker: Option<Arc<breaker::Shared>>,
     attempt: Option<timeout::Config>,
+    limit: Option<limit::Limit>,
 }
 
-/// The concurrency limit with load shedding, as tower's `ConcurrencyLimit` under
-/// `LoadShed`: a permit is taken in `poll_ready` (kept until a call uses it); without one,
-/// or while the service below is not ready, the call is answered `Overloaded` at once.
-struct Limit {
-    semaphore: Arc<Semaphore>,
-    permit: Option<OwnedSemaphorePermit>,
+/// The concurrency limit's state in one service: as tower's `ConcurrencyLimit` under
+/// `LoadShed`, a place is taken in `poll_ready` (kept until a call uses it); without one, or
+/// while the service below is not ready, the call is answered `Overloaded` at once.
+struct Reserve<P> {
+    permit: Option<limit::Permit<P>>,
     shed: bool,
-}
-
-impl Clone for Limit {
-    fn clone(&self) -> Self {
-        Limit {
-            semaphore: self.semaphore.clone(),
-            permit: None,
-            shed: false,
-        }
-    }
 }
 
 impl Upstream<(), DefaultPolicy> {
@@ -243,7 +233,10 @@ impl<S: Clone, P> Clone for Upstream<S, P> {
             map_faults: self.map_faults.clone(),
             ready_error: self.ready_error.clone(),
             deadline: self.deadline.clone(),
-            limit: self.limit.clone(),
+            limit: Reserve {
+                permit: None,
+                shed: false,
+            },
         }
     }
 }
@@ -272,19 +265,21 @@ where
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         let inner = &mut self.inner;
-        let Some(limit) = &mut self.limit else {
+        if self.stack.get().limit.is_none() {
             return self.ready_error.poll_ready(|| inner.poll_ready(cx));
-        };
-        if limit.permit.is_none() {
-            limit.permit = limit.semaphore.clone().try_acquire_owned().ok();
         }
-        if limit.permit.is_none() {
-            limit.shed = true;
+        let reserve = &mut self.limit;
+        if reserve.permit.is_none() {
+            let stripe = self.stack.stripe(retry::stripe_index());
+            reserve.permit = limit::Permit::try_acquire(stripe);
+        }
+        if reserve.permit.is_none() {
+            reserve.shed = true;
             return Poll::Ready(Ok(()));
         }
         match self.ready_error.poll_ready(|| inner.poll_ready(cx)) {
-            Poll::Ready(_) => limit.shed = false,
-            Poll::Pending => limit.shed = true,
+            Poll::Ready(_) => reserve.shed = false,
+            Poll::Pending => reserve.shed = true,
         }
         Poll::Ready(Ok(()))
     }
@@ -346,13 +341,10 @@ impl<S, P> Upstream<S, P> {
             }
             Start::Timed { at, now, .. } => (Some(now), Some(at)),
         };
-        let permit = match &mut self.limit {
-            Some(limit) if limit.shed => {
-                return ResponseFuture::answer(Overloaded::new().into(), map_faults, span)
-            }
-            Some(limit) => limit.permit.take(),
-            None => None,
-        };
+        if self.limit.shed {
+            return ResponseFuture::answer(Overloaded::new().into(), map_faults, span);
+        }
+        let permit = self.limit.permit.take();
         ResponseFuture::start(
             &mut self.inner,
             &self.stack,
@@ -371,7 +363,6 @@ impl<S, P> Upstream<S, P> {
 pub struct UpstreamLayer<P = DefaultPolicy> {
     map_faults: MapFaultsLayer,
     deadline: Option<DeadlineLayer>,
-    limit: Option<Arc<Semaphore>>,
     stack: Arc<Striped<Stack<P>>>,
     retry: RetryLayer<P>,
     retrying: bool,
@@ -419,7 +410,6 @@ impl<P> Clone for UpstreamLayer<P> {
         UpstreamLayer {
             map_faults: self.map_faults.clone(),
             deadline: self.deadline.clone(),
-            limit: self.limit.clone(),
             stack: self.stack.clone(),
             retry: self.retry.clone(),
             retrying: self.retrying,
@@ -434,7 +424,7 @@ impl<P: fmt::Debug> fmt::Debug for UpstreamLayer<P> {
         f.debug_struct("UpstreamLayer")
             .field("map_faults", &self.map_faults)
             .field("deadline", &self.deadline)
-            .field("limit", &self.limit.is_some())
+            .field("limit", &self.stack.get().limit.is_some())
             .field("retry", &self.retrying.then_some(&self.retry))
             .field("breaker", &self.breaker)
             .field("attempt_timeout", &self.attempt_timeout)
@@ -452,11 +442,10 @@ impl<S, P> Layer<S> for UpstreamLayer<P> {
             map_faults: self.map_faults.config().clone(),
             ready_error: ReadyError::default(),
             deadline: self.deadline.as_ref().map(|l| l.config().clone()),
-            limit: self.limit.as_ref().map(|semaphore| Limit {
-                semaphore: semaphore.clone(),
+            limit: Reserve {
                 permit: None,
                 shed: false,
-            }),
+            },
         }
     }
 }
@@ -542,7 +531,7 @@ impl<P> UpstreamBuilder<P> {
     }
 
     /// At most `max` requests in flight through every service of the layer together (at
-    /// least 1, at most tokio's `Semaphore::MAX_PERMITS`); a request over the limit is
+    /// least 1, at most `usize::MAX >> 3`); a request over the limit is
     /// not queued but answered 503 `connection_limit_reached` at once (as tower's
     /// `ConcurrencyLimit` under `LoadShed`). Off by default.
     pub fn concurrency_limit(mut self, max: usize) -> Self {
@@ -662,13 +651,13 @@ impl<P> UpstreamBuilder<P> {
                     "must be at least 1 (got 0)",
                 ))
             }
-            Some(max) if max > Semaphore::MAX_PERMITS => {
+            Some(max) if max > limit::MAX => {
                 return Err(ConfigError::new(
                     "concurrency_limit",
-                    format!("must be at most {} (got {max})", Semaphore::MAX_PERMITS),
+                    format!("must be at most {} (got {max})", limit::MAX),
                 ))
             }
-            Some(max) => Some(Arc::new(Semaphore::new(max))),
+            Some(max) => Some(limit::Limit::new(max)),
             None => None,
         };
         let breaker = match self.breaker {
@@ -692,11 +681,11 @@ impl<P> UpstreamBuilder<P> {
             retry: retry.shared().clone(),
             breaker: breaker.as_ref().map(|b| b.shared.clone()),
             attempt: attempt_timeout.as_ref().map(AttemptTimeoutLayer::config),
+            limit,
         }));
         Ok(UpstreamLayer {
             map_faults,
             deadline,
-            limit,
             stack,
             retry,
             retrying: self.retrying,
@@ -748,14 +737,14 @@ mod tests {
     }
 
     #[test]
-    fn a_limit_too_large_for_a_semaphore_is_a_config_error() {
+    fn a_limit_too_large_is_a_config_error() {
         let err = Upstream::builder()
             .concurrency_limit(usize::MAX)
             .build()
             .unwrap_err();
         assert_eq!(err.field(), "concurrency_limit");
         assert!(Upstream::builder()
-            .concurrency_limit(Semaphore::MAX_PERMITS)
+            .concurrency_limit(limit::MAX)
             .build()
             .is_ok());
     }
