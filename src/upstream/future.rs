@@ -74,16 +74,35 @@ struct Run<S, P, B> {
     timing: Timing,
     /// The breaker's hold on the attempt in flight.
     permit: Option<Permit>,
-    /// The concurrency limit's permit, released with the answer.
-    limit: Option<limit::Permit<P>>,
-    /// What later attempts need; `None` for a request sent once.
-    later: Option<Later<S, P, B>>,
+    /// This thread's stripe's reference to the layer's parts, kept when the request holds
+    /// a place under the limit or may be retried (one reference for both).
+    stack: Option<Arc<Stripe<Stack<P>>>>,
+    /// Whether the request holds a place under the limit (given back with the answer).
+    limited: bool,
+    /// What later attempts need (with `stack`); `None` for a request sent once.
+    later: Option<Later<S, B>>,
+}
+
+impl<S, P, B> Run<S, P, B> {
+    /// Gives back the place under the limit, if the request holds one.
+    #[inline]
+    fn release_limit(&mut self) {
+        if std::mem::take(&mut self.limited) {
+            if let Some(stack) = &self.stack {
+                limit::release(stack);
+            }
+        }
+    }
+}
+
+impl<S, P, B> Drop for Run<S, P, B> {
+    fn drop(&mut self) {
+        self.release_limit();
+    }
 }
 
 /// What a request that may be retried keeps for its later attempts.
-struct Later<S, P, B> {
-    /// This thread's stripe's reference to the layer's parts.
-    stack: Arc<Stripe<Stack<P>>>,
+struct Later<S, B> {
     /// A clone of the service, polled ready before each later attempt.
     service: S,
     tries: Tries<B>,
@@ -108,7 +127,8 @@ where
                 deadline: None,
                 timing: Timing::Untimed,
                 permit: None,
-                limit: None,
+                stack: None,
+                limited: false,
                 later: None,
             },
         }
@@ -137,11 +157,20 @@ where
         let (req, tries) = Tries::begin(parts.retry.get(), req, clock, deadline);
         let grpc = map_faults.is_grpc();
         let (phase, permit, timing) = attempt(service, req, parts, grpc, deadline, now);
-        let later = tries.map(|(stripe, tries)| Later {
-            stack: stack.stripe(stripe),
-            service: service.clone(),
-            tries,
-        });
+        let limited = limit.is_some();
+        let (stack, later) = match (limit.and_then(limit::Permit::into_stack), tries) {
+            (held, None) => (held, None),
+            (held, Some((stripe, tries))) => {
+                let later = Later {
+                    service: service.clone(),
+                    tries,
+                };
+                (
+                    Some(held.unwrap_or_else(|| stack.stripe(stripe))),
+                    Some(later),
+                )
+            }
+        };
         ResponseFuture {
             phase,
             sleep: None,
@@ -151,7 +180,8 @@ where
                 deadline,
                 timing,
                 permit,
-                limit,
+                stack,
+                limited,
                 later,
             },
         }
@@ -237,10 +267,10 @@ impl<S, P, B> Run<S, P, B> {
         if let Some(permit) = self.permit.take() {
             permit.complete_with(&res);
         }
-        let Some(later) = &mut self.later else {
+        let (Some(later), Some(stack)) = (&mut self.later, &self.stack) else {
             return ControlFlow::Break(res);
         };
-        let Some(delay) = later.tries.decide(later.stack.retry.get(), &res) else {
+        let Some(delay) = later.tries.decide(stack.retry.get(), &res) else {
             return ControlFlow::Break(finish(res, later.tries.attempts()));
         };
         drop(res);
@@ -303,21 +333,15 @@ where
                     ControlFlow::Continue(Phase::Ready)
                 }
                 PhaseProj::Ready => {
-                    let Some(later) = &mut run.later else {
+                    let (Some(later), Some(stack)) = (&mut run.later, &run.stack) else {
                         unreachable!("only a request that may be retried waits for readiness")
                     };
                     match later.service.poll_ready(cx) {
                         Poll::Ready(Ok(())) => {
                             let req = later.tries.next_request();
                             let grpc = run.map_faults.is_grpc();
-                            let (phase, permit, timing) = attempt(
-                                &mut later.service,
-                                req,
-                                &later.stack,
-                                grpc,
-                                run.deadline,
-                                None,
-                            );
+                            let (phase, permit, timing) =
+                                attempt(&mut later.service, req, stack, grpc, run.deadline, None);
                             run.permit = permit;
                             run.timing = timing;
                             ControlFlow::Continue(phase)
@@ -343,7 +367,7 @@ where
                 ControlFlow::Continue(phase) => this.phase.set(phase),
             }
         };
-        drop(run.limit.take());
+        run.release_limit();
         let res = map_faults::answer(&run.map_faults, result);
         if !span.is_disabled() {
             record(span, &res);

@@ -58,7 +58,8 @@ impl Limit {
 /// A place under the limit, given back when dropped. Holds the layer's parts through the
 /// thread's stripe (no shared reference count written).
 pub(crate) struct Permit<P> {
-    stack: Arc<Stripe<Stack<P>>>,
+    /// `None` once handed over by [`into_stack`](Self::into_stack).
+    stack: Option<Arc<Stripe<Stack<P>>>>,
 }
 
 impl<P> Permit<P> {
@@ -68,14 +69,29 @@ impl<P> Permit<P> {
     pub(crate) fn try_acquire(stack: Arc<Stripe<Stack<P>>>) -> Option<Permit<P>> {
         let limit = stack.limit.as_ref()?;
         // Made only on success: a `Permit` dropped gives a place back.
-        limit.try_acquire().then(|| Permit { stack })
+        limit.try_acquire().then(|| Permit { stack: Some(stack) })
+    }
+
+    /// The place, as its reference to the layer's parts: whoever takes it gives the place
+    /// back with [`release`].
+    #[inline]
+    pub(crate) fn into_stack(mut self) -> Option<Arc<Stripe<Stack<P>>>> {
+        self.stack.take()
+    }
+}
+
+/// Gives back a place taken under `stack`'s limit.
+#[inline]
+pub(crate) fn release<P>(stack: &Stack<P>) {
+    if let Some(limit) = &stack.limit {
+        limit.release();
     }
 }
 
 impl<P> Drop for Permit<P> {
     fn drop(&mut self) {
-        if let Some(limit) = &self.stack.limit {
-            limit.release();
+        if let Some(stack) = &self.stack {
+            release(stack);
         }
     }
 }
