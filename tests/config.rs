@@ -823,3 +823,31 @@ async fn to_builder_keeps_the_file_and_takes_a_layer_from_code() {
     );
     assert_eq!(calls.load(SeqCst), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_reaches_the_service_as_an_extension_only_when_asked() {
+    use tower_upstream::deadline::RequestDeadline;
+    let seen = |layer: UpstreamLayer| async move {
+        let probe = service_fn(|req: Request<ReplayBody<Full<Bytes>>>| async move {
+            let left = RequestDeadline::of(&req).map(|d| d.remaining());
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("{left:?}")))))
+        });
+        let res = layer.layer(probe).oneshot(get("/")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    };
+    // As with the builder's own deadline: it travels inside the stack, no extension.
+    let private = parse(r#"deadline.timeout = "2s""#).build().unwrap();
+    assert_eq!(seen(private).await, "None");
+    let builder = Upstream::builder()
+        .deadline(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    assert_eq!(seen(builder).await, "None");
+    // Asked for, for a handler that reads the time left.
+    let public = parse("deadline = { timeout = \"2s\", extension = true }")
+        .build()
+        .unwrap();
+    assert_eq!(seen(public).await, "Some(2s)");
+}

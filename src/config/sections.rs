@@ -119,6 +119,13 @@ pub struct DeadlineConfig {
     /// Whether outgoing requests carry the remaining time (default true).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub propagate: Option<bool>,
+    /// Whether the wrapped service sees the deadline as a
+    /// [`RequestDeadline`](crate::deadline::RequestDeadline) extension (default false: the
+    /// deadline travels inside the stack without one, as with
+    /// [`UpstreamBuilder::deadline`](crate::UpstreamBuilder::deadline), which spares each
+    /// request the extension's allocations; a handler that reads the time left needs true).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extension: Option<bool>,
 }
 
 /// `header = { name = "request-timeout", unit = "s" }`: a header that caps the deadline.
@@ -154,7 +161,12 @@ impl DeadlineConfig {
             b = b.header(header_name("deadline.header.name", &h.name)?, h.unit);
         }
         b = set(b, self.propagate, DeadlineBuilder::propagate);
-        b.build().map(Some)
+        let layer = b.build()?;
+        Ok(Some(if self.extension == Some(true) {
+            layer
+        } else {
+            layer.without_extension()
+        }))
     }
 }
 
