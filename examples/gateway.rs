@@ -33,6 +33,10 @@
 //!   status for gRPC requests). The stack is read as `tower_upstream::config::UpstreamConfig`
 //!   (durations like `"250ms"`); `breaker.mode = "forced_open"` is an operator's switch: the
 //!   route answers 503 with `Retry-After` without calling the upstream.
+//! - **`Max-Forwards`** (RFC 9110 §7.6.2), on `OPTIONS` and `TRACE`: decremented when
+//!   forwarded; at `0` the gateway answers as the final recipient instead of forwarding:
+//!   `OPTIONS` gets `200` with `Allow`, `TRACE` gets `405` (reflecting a request echoes its
+//!   credentials; the RFC only says SHOULD). A value that is not a number answers `400`.
 //! - **`/_upstream/status`**: JSON with every route's breakers (state, calls, failures,
 //!   failure rate…) and retry budget balance.
 //!
@@ -53,7 +57,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as HttpBody;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -272,7 +276,7 @@ impl Gateway {
     }
 
     /// Answers one request from a client at `peer`. Never fails: faults are answers.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let path = req.uri().path();
         if path == STATUS_PATH {
             return json_response(StatusCode::OK, &self.status());
@@ -280,6 +284,9 @@ impl Gateway {
         let Some(route) = self.route(path) else {
             return text_response(StatusCode::NOT_FOUND, "no route\n");
         };
+        if let Some(answer) = max_forwards(&mut req) {
+            return answer;
+        }
         let req = match route.prepare(req, peer, &self.inner.via) {
             Ok(req) => req,
             Err(msg) => return text_response(StatusCode::BAD_REQUEST, msg),
@@ -762,6 +769,51 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(Duration::from_secs(10)) => {}
     }
+}
+
+/// The methods the gateway forwards, for an `OPTIONS` it answers itself.
+pub const ALLOW: &str = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE";
+
+/// RFC 9110 §7.6.2: on `OPTIONS` and `TRACE`, a `Max-Forwards` of 0 makes the gateway the
+/// final recipient (its own answer, returned), and a larger one is decremented for the
+/// upstream. Other methods are forwarded untouched (the RFC lets a proxy ignore it there).
+fn max_forwards<B>(req: &mut Request<B>) -> Option<Response<Body>> {
+    if req.method() != Method::OPTIONS && req.method() != Method::TRACE {
+        return None;
+    }
+    let value = req.headers().get(header::MAX_FORWARDS)?;
+    // 1*DIGIT; a larger number than u32 holds is as good as "many".
+    let text = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()));
+    let Some(text) = text else {
+        return Some(text_response(
+            StatusCode::BAD_REQUEST,
+            "max-forwards is not a number\n",
+        ));
+    };
+    let hops = text.parse::<u32>().unwrap_or(u32::MAX);
+    if hops > 0 {
+        req.headers_mut()
+            .insert(header::MAX_FORWARDS, HeaderValue::from(hops - 1));
+        return None;
+    }
+    Some(if req.method() == Method::OPTIONS {
+        let mut res = Response::new(Either::Right(Full::new(Bytes::new())));
+        res.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(ALLOW));
+        res
+    } else {
+        let mut res = text_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the gateway does not reflect TRACE requests\n",
+        );
+        res.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(ALLOW));
+        res
+    })
 }
 
 fn text_response(status: StatusCode, text: &'static str) -> Response<Body> {

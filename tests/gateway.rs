@@ -1,6 +1,6 @@
 //! `examples/gateway.rs` over real sockets on 127.0.0.1: routing by longest prefix with the
 //! prefix stripped and the query kept, hop-by-hop headers removed both ways, `Via` and
-//! `Forwarded`, 502 for a refused upstream, 504 for a hung one, 503 + `Retry-After` for a
+//! `Forwarded`, `Max-Forwards`, 502 for a refused upstream, 504 for a hung one, 503 + `Retry-After` for a
 //! forced-open route, h2c downstream and upstream, the status JSON, and configuration errors
 //! that name the field.
 //!
@@ -599,4 +599,47 @@ async fn grpc_over_h2c_keeps_te_trailers_and_trailers_and_faults_are_grpc_status
     let res = call("/dead").await.unwrap().unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["grpc-status"], "14");
+}
+
+#[tokio::test]
+async fn max_forwards_on_options_and_trace_is_decremented_or_answered_by_the_gateway() {
+    let (upstream, mut rx) = recording(OK).await;
+    let gw = start(&one_route(upstream)).await;
+    let request = |method: &str, max_forwards: &str| {
+        Request::builder()
+            .method(method)
+            .uri(format!("http://{gw}/x"))
+            .header(header::MAX_FORWARDS, max_forwards)
+            .body(empty())
+            .unwrap()
+    };
+
+    // Forwarded, one hop fewer.
+    let res = send(request("OPTIONS", "3")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let head = rx.recv().await.unwrap();
+    assert_eq!(request_line(&head), "OPTIONS /x HTTP/1.1");
+    assert_eq!(header_values(&head, "max-forwards"), ["2"]);
+    let res = send(request("TRACE", "1")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let head = rx.recv().await.unwrap();
+    assert_eq!(header_values(&head, "max-forwards"), ["0"]);
+
+    // Zero: the gateway is the final recipient; the upstream sees nothing.
+    let res = send(request("OPTIONS", "0")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::ALLOW], gateway::ALLOW);
+    assert!(res.headers().get(header::VIA).is_none());
+    let res = send(request("TRACE", "0")).await;
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(res.headers()[header::ALLOW], gateway::ALLOW);
+    let res = send(request("OPTIONS", "two")).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert!(rx.try_recv().is_err(), "nothing reached the upstream");
+
+    // Other methods: forwarded as they came (the RFC lets a proxy ignore the field there).
+    let res = send(request("GET", "0")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let head = rx.recv().await.unwrap();
+    assert_eq!(header_values(&head, "max-forwards"), ["0"]);
 }
