@@ -356,8 +356,9 @@ async fn a_retry_whose_service_never_gets_ready_ends_at_the_deadline() -> Result
 
 // Pins: a `poll_ready` error met by a retry ends the request with the mapper's answer for
 // that error (an unknown error: 502 `proxy_internal_error`).
-// NOTE: the first attempt's 503, a real answer from the upstream, is lost for an error of
-// the retry's readiness; returning the 503 would arguably be better. Pinned as it is today.
+// Decided (documented in the `upstream` module docs): the first attempt's 503 was dropped
+// when the retry was decided (keeping an answer through the backoff would hold its body and
+// its connection), so the error that stopped the retry is what is answered.
 #[tokio::test(start_paused = true)]
 async fn a_ready_error_on_the_retry_is_answered_for_that_error() -> Result<(), BoxError> {
     let layer = Upstream::builder().map_faults(detailed()).build()?;
@@ -414,10 +415,10 @@ async fn forced_open_refuses_and_disabled_counts_nothing() -> Result<(), BoxErro
 
 // Pins: a circuit that opens on attempt 1 refuses the retry; the request is answered with
 // the circuit-open 503, and the upstream was called once.
-// NOTE: the client gets the breaker's 503 (`destination_unavailable`, `Retry-After: 5`)
-// instead of the upstream's own 503 that attempt 1 received: the retry (and its backoff) is
-// decided before the breaker refuses it. Arguably the upstream's answer would be the better
-// one to return; pinned as it is today.
+// Decided (documented in the `upstream` module docs): the client gets the breaker's 503
+// (`destination_unavailable`, `Retry-After: 5`) rather than the upstream's own 503 of attempt
+// 1, which was dropped when the retry was decided: the breaker's answer is the current one,
+// and it says when to come back.
 #[tokio::test(start_paused = true)]
 async fn a_circuit_opening_between_attempts_refuses_the_retry() -> Result<(), BoxError> {
     let breaker = CircuitBreakerLayer::builder()

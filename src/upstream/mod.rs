@@ -115,6 +115,14 @@
 //! An incoming `grpc-timeout` caps the deadline of gRPC requests (`content-type:
 //! application/grpc…`); the stack does not look for one on other requests.
 //!
+//! # When a retry cannot go ahead
+//!
+//! An answer the retry decided to retry is dropped then (keeping it through the backoff
+//! would hold its body and the connection under it). If the next attempt cannot be made
+//! after all, the request is answered for what stopped it: the breaker's 503 with
+//! `Retry-After` when the circuit opened in the meantime, the deadline's 504 when it
+//! passed, the mapper's answer for the error of the service's `poll_ready`.
+//!
 //! # One future, one timer
 //!
 //! The parts run as one state machine in [`Upstream`]'s own future, with the standalone
