@@ -122,7 +122,7 @@ pub struct DeadlineConfig {
     /// Whether the wrapped service sees the deadline as a
     /// [`RequestDeadline`](crate::deadline::RequestDeadline) extension (default false: the
     /// deadline travels inside the stack without one, as with
-    /// [`UpstreamBuilder::deadline`](crate::UpstreamBuilder::deadline), which spares each
+    /// [`UpstreamBuilder::deadline`](crate::upstream::UpstreamBuilder::deadline), which spares each
     /// request the extension's allocations; a handler that reads the time left needs true).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extension: Option<bool>,
