@@ -8,7 +8,7 @@
 //! ```
 //!
 //! and divide the difference of the two totals by 10 000. Scenarios: `bare`, `tower_retry`,
-//! `retry`, `tower_stack`, `stack`; `bare_proxied`, `stack_proxied`: the same with the head of
+//! `retry`, `tower_stack`, `stack`, `stack_like_tower` (no deadline, no breaker); `bare_proxied`, `stack_proxied`: the same with the head of
 //! a request as a proxy forwards it (see [`proxied`]) and an answer with headers; `sizes`
 //! prints the response futures' sizes.
 
@@ -117,6 +117,19 @@ fn main() {
         )),
         "stack" => {
             let layer = Upstream::builder().build().unwrap();
+            rt.block_on(drive(
+                layer.layer(inner::<ReplayBody<Empty<Bytes>>>()),
+                iters,
+                empty,
+            ))
+        }
+        // Ours doing what tower's three do (retry with a budget, a timeout), and no more.
+        "stack_like_tower" => {
+            let layer = Upstream::builder()
+                .no_deadline()
+                .no_breaker()
+                .build()
+                .unwrap();
             rt.block_on(drive(
                 layer.layer(inner::<ReplayBody<Empty<Bytes>>>()),
                 iters,
