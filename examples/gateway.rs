@@ -39,6 +39,9 @@
 //!   credentials; the RFC only says SHOULD). A value that is not a number answers `400`.
 //! - **`/_upstream/status`**: JSON with every route's breakers (state, calls, failures,
 //!   failure rate…) and retry budget balance.
+//! - **`POST /_upstream/breaker?route=/api&mode=forced_open`** (or `automatic`, `disabled`):
+//!   the operator's switch at run time, accepted from loopback addresses only (there is no
+//!   authentication); answers the route's status.
 //!
 //! The functions here are a small library, so that `tests/gateway.rs` can drive the same code
 //! over real sockets: [`Config`], [`Gateway`] and [`serve`].
@@ -78,6 +81,10 @@ use tower_upstream::{ConfigError, Upstream, UpstreamLayer};
 
 /// Where the gateway serves its status JSON.
 pub const STATUS_PATH: &str = "/_upstream/status";
+/// Where an operator switches a route's breakers at run time:
+/// `POST /_upstream/breaker?route=/api&mode=forced_open` (or `automatic`, `disabled`), from
+/// the gateway's own host only.
+pub const BREAKER_PATH: &str = "/_upstream/breaker";
 
 /// Every response body the gateway sends: through the stack, through the bare proxy, or
 /// made by the gateway itself (404, status JSON, the bare proxy's 502).
@@ -281,6 +288,9 @@ impl Gateway {
         if path == STATUS_PATH {
             return json_response(StatusCode::OK, &self.status());
         }
+        if path == BREAKER_PATH {
+            return self.switch_breaker(&req, peer);
+        }
         let Some(route) = self.route(path) else {
             return text_response(StatusCode::NOT_FOUND, "no route\n");
         };
@@ -311,6 +321,61 @@ impl Gateway {
             .iter()
             .map(|&i| &routes[i])
             .find(|r| prefix_matches(&r.prefix, path))
+    }
+
+    /// The operator's switch: sets the breaker mode of the route named in the query
+    /// (`route=<prefix as configured>&mode=forced_open|automatic|disabled`) and answers the
+    /// route's status. Only `POST`, and only from a loopback address: the gateway has no
+    /// authentication, so the switch is for someone on its host.
+    fn switch_breaker<B>(&self, req: &Request<B>, peer: SocketAddr) -> Response<Body> {
+        if !peer.ip().is_loopback() {
+            return text_response(StatusCode::FORBIDDEN, "only from the gateway's host\n");
+        }
+        if req.method() != Method::POST {
+            let mut res = text_response(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+            res.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return res;
+        }
+        let (mut route, mut mode) = (None, None);
+        for pair in req.uri().query().unwrap_or("").split('&') {
+            match pair.split_once('=') {
+                Some(("route", v)) => route = Some(v),
+                Some(("mode", v)) => mode = Some(v),
+                _ => {}
+            }
+        }
+        let (Some(route), Some(mode)) = (route, mode) else {
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                "want ?route=<prefix>&mode=forced_open|automatic|disabled\n",
+            );
+        };
+        let Some(route) = normalize_prefix(route)
+            .ok()
+            .and_then(|p| self.inner.routes.iter().find(|r| r.prefix == p))
+        else {
+            return text_response(StatusCode::NOT_FOUND, "no such route\n");
+        };
+        let handle = match &route.service {
+            RouteService::Full(stacked) => stacked.layer.breaker_handle(),
+            RouteService::Bare(_) => None,
+        };
+        let Some(handle) = handle else {
+            return text_response(StatusCode::CONFLICT, "the route has no breaker\n");
+        };
+        match mode {
+            "forced_open" => handle.force_open(),
+            "disabled" => handle.disable(),
+            "automatic" => handle.automatic(),
+            _ => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    "mode is forced_open, automatic or disabled\n",
+                )
+            }
+        }
+        json_response(StatusCode::OK, &route.status())
     }
 
     /// The status JSON: every route's breakers and retry budget.
@@ -936,6 +1001,26 @@ async fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_breaker_switch_refuses_peers_off_the_host() {
+        let config =
+            Config::from_toml("[[routes]]\nprefix = \"/api\"\nupstream = \"http://127.0.0.1:9\"\n")
+                .unwrap();
+        let gw = Gateway::new(&config, Mode::Full).unwrap();
+        let req = Request::post(format!("{BREAKER_PATH}?route=/api&mode=forced_open"))
+            .body(())
+            .unwrap();
+        let remote = SocketAddr::from(([192, 0, 2, 7], 4000));
+        assert_eq!(
+            gw.switch_breaker(&req, remote).status(),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(gw.status()["routes"][0]["breaker"]["mode"], "automatic");
+        let local = SocketAddr::from(([127, 0, 0, 1], 4000));
+        assert_eq!(gw.switch_breaker(&req, local).status(), StatusCode::OK);
+        assert_eq!(gw.status()["routes"][0]["breaker"]["mode"], "forced_open");
+    }
 
     #[test]
     fn forwarded_quotes_ipv6_and_non_token_hosts() {

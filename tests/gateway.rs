@@ -643,3 +643,107 @@ async fn max_forwards_on_options_and_trace_is_decremented_or_answered_by_the_gat
     let head = rx.recv().await.unwrap();
     assert_eq!(header_values(&head, "max-forwards"), ["0"]);
 }
+
+#[tokio::test]
+async fn the_breaker_switch_forces_a_route_open_and_back_at_run_time() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let up = {
+        let hits = hits.clone();
+        raw_upstream(move |mut s| {
+            let hits = hits.clone();
+            async move {
+                hits.fetch_add(1, SeqCst);
+                read_head(&mut s).await;
+                let _ = s.write_all(OK).await;
+            }
+        })
+        .await
+    };
+    let gw = start(&format!(
+        r#"
+        [[routes]]
+        prefix = "/api"
+        upstream = "http://{up}"
+        [[routes]]
+        prefix = "/other"
+        upstream = "http://{up}"
+        "#
+    ))
+    .await;
+    let switch = |query: &str| {
+        Request::post(format!("http://{gw}{}?{query}", gateway::BREAKER_PATH))
+            .body(empty())
+            .unwrap()
+    };
+    let body = |res: http::Response<Incoming>| async move {
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()
+    };
+
+    assert_eq!(
+        status_of(format!("http://{gw}/api/x")).await,
+        StatusCode::OK
+    );
+    assert_eq!(hits.load(SeqCst), 1);
+
+    let res = send(switch("route=/api&mode=forced_open")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let status = body(res).await;
+    assert_eq!(status["prefix"], "/api");
+    assert_eq!(status["breaker"]["mode"], "forced_open");
+    let res = fetch(format!("http://{gw}/api/x")).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res.headers().contains_key(header::RETRY_AFTER));
+    assert_eq!(
+        hits.load(SeqCst),
+        1,
+        "a forced-open route calls no upstream"
+    );
+    // The other route keeps its own breaker.
+    assert_eq!(
+        status_of(format!("http://{gw}/other/x")).await,
+        StatusCode::OK
+    );
+    assert_eq!(hits.load(SeqCst), 2);
+
+    let res = send(switch("mode=automatic&route=/api/")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(body(res).await["breaker"]["mode"], "automatic");
+    assert_eq!(
+        status_of(format!("http://{gw}/api/x")).await,
+        StatusCode::OK
+    );
+    assert_eq!(hits.load(SeqCst), 3);
+
+    // Mistakes are refused and change nothing.
+    let get = Request::get(format!(
+        "http://{gw}{}?route=/api&mode=disabled",
+        gateway::BREAKER_PATH
+    ))
+    .body(empty())
+    .unwrap();
+    let res = send(get).await;
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(res.headers()[header::ALLOW], "POST");
+    let res = send(switch("route=/nope&mode=forced_open")).await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    let res = send(switch("route=/api&mode=open")).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let res = send(switch("route=/api")).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let status = body(fetch(format!("http://{gw}{STATUS_PATH}")).await).await;
+    assert_eq!(status["routes"][0]["breaker"]["mode"], "automatic");
+
+    // A bare gateway has no breakers to switch.
+    let bare = start_mode(&one_route(up), Mode::Bare).await;
+    let res = send(
+        Request::post(format!(
+            "http://{bare}{}?route=/&mode=forced_open",
+            gateway::BREAKER_PATH
+        ))
+        .body(empty())
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+}
