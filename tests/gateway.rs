@@ -62,6 +62,22 @@ async fn recording(reply: &'static [u8]) -> (SocketAddr, mpsc::UnboundedReceiver
 
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
 
+/// An upstream that answers 200 to every request and counts the connections it served.
+async fn counting_ok() -> (SocketAddr, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let up = raw_upstream(move |mut s| {
+        let hits = counter.clone();
+        async move {
+            hits.fetch_add(1, SeqCst);
+            read_head(&mut s).await;
+            let _ = s.write_all(OK).await;
+        }
+    })
+    .await;
+    (up, hits)
+}
+
 async fn send(req: Request<Body>) -> http::Response<Incoming> {
     tokio::time::timeout(REAL_TIMEOUT, client().request(req))
         .await
@@ -282,19 +298,7 @@ async fn hung_upstream_answers_504_within_the_deadline() {
 
 #[tokio::test]
 async fn forced_open_route_answers_503_with_retry_after_without_calling_upstream() {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let up = {
-        let hits = hits.clone();
-        raw_upstream(move |mut s| {
-            let hits = hits.clone();
-            async move {
-                hits.fetch_add(1, SeqCst);
-                read_head(&mut s).await;
-                let _ = s.write_all(OK).await;
-            }
-        })
-        .await
-    };
+    let (up, hits) = counting_ok().await;
     let gw = start(&format!(
         r#"
         [[routes]]
@@ -646,19 +650,7 @@ async fn max_forwards_on_options_and_trace_is_decremented_or_answered_by_the_gat
 
 #[tokio::test]
 async fn the_breaker_switch_forces_a_route_open_and_back_at_run_time() {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let up = {
-        let hits = hits.clone();
-        raw_upstream(move |mut s| {
-            let hits = hits.clone();
-            async move {
-                hits.fetch_add(1, SeqCst);
-                read_head(&mut s).await;
-                let _ = s.write_all(OK).await;
-            }
-        })
-        .await
-    };
+    let (up, hits) = counting_ok().await;
     let gw = start(&format!(
         r#"
         [[routes]]
