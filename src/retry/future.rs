@@ -193,27 +193,64 @@ impl<B> Tries<B> {
     where
         B: Body,
     {
-        if cfg.max_attempts <= 1 || !cfg.policy.may_retry(RequestHead::of(&req)) {
+        if !Self::may_retry(cfg, &req) {
             return (req.map(ReplayBody::passthrough), None);
         }
+        let stripe = Self::deposit(cfg, now);
+        let (parts, body) = req.into_parts();
+        let (first, replay) = Self::record(cfg, body);
+        let tries = Tries::new(parts.clone(), deadline, replay);
+        (Request::from_parts(parts, first), Some((stripe, tries)))
+    }
+
+    /// Whether `cfg` may retry `req` at all (then [`begin`](Self::begin) keeps a copy).
+    #[inline]
+    pub(crate) fn may_retry<P: Policy>(cfg: &Config<P>, req: &Request<B>) -> bool {
+        cfg.max_attempts > 1 && cfg.policy.may_retry(RequestHead::of(req))
+    }
+
+    /// Deposits a request that may be retried in this thread's budget stripe, which it
+    /// returns.
+    #[inline]
+    pub(crate) fn deposit<P>(cfg: &Config<P>, now: impl FnOnce() -> Instant) -> usize {
         let stripe = stripe_index();
         cfg.budget.deposit_in(stripe, now);
-        let (parts, body) = req.into_parts();
-        let head = parts.clone();
-        let (first, replay) = if body.is_end_stream() {
+        stripe
+    }
+
+    /// The first attempt's body and, unless `body` is empty, the recording later attempts
+    /// replay.
+    #[inline]
+    pub(crate) fn record<P>(
+        cfg: &Config<P>,
+        body: B,
+    ) -> (ReplayBody<B>, Option<Arc<Mutex<State<B>>>>)
+    where
+        B: Body,
+    {
+        if body.is_end_stream() {
             (ReplayBody::passthrough(body), None)
         } else {
             let shared = State::new(body, cfg.body_limit);
             (ReplayBody::replay(&shared), Some(shared))
-        };
-        let tries = Tries {
+        }
+    }
+
+    /// What later attempts of a request need: a copy of its `head`, the deadline shared
+    /// without an extension, the body's recording.
+    #[inline]
+    pub(crate) fn new(
+        head: http::request::Parts,
+        deadline: Option<Instant>,
+        replay: Option<Arc<Mutex<State<B>>>>,
+    ) -> Self {
+        Tries {
             head,
             deadline,
             replay,
             attempts: 1,
             prev_delay_ns: 0,
-        };
-        (Request::from_parts(parts, first), Some((stripe, tries)))
+        }
     }
 
     /// Attempts made so far.

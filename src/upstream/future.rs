@@ -153,24 +153,36 @@ where
         B: Body,
     {
         let parts = stack.get();
-        let clock = || now.unwrap_or_else(Instant::now);
-        let (req, tries) = Tries::begin(parts.retry.get(), req, clock, deadline);
+        let cfg = parts.retry.get();
         let grpc = map_faults.is_grpc();
-        let (phase, permit, timing) = attempt(service, req, parts, grpc, deadline, now);
         let limited = limit.is_some();
-        let (stack, later) = match (limit.and_then(limit::Permit::into_stack), tries) {
-            (held, None) => (held, None),
-            (held, Some((stripe, tries))) => {
-                let later = Later {
-                    service: service.clone(),
-                    tries,
-                };
-                (
-                    Some(held.unwrap_or_else(|| stack.stripe(stripe))),
-                    Some(later),
-                )
-            }
-        };
+        let held = limit.and_then(limit::Permit::into_stack);
+        // Built straight into the future, without intermediate tuples: the head's copy is
+        // the largest thing a request carries, and every move of it is a memcpy.
+        if !Tries::may_retry(cfg, &req) {
+            let req = req.map(ReplayBody::passthrough);
+            let (phase, permit, timing) = attempt(service, req, parts, grpc, deadline, now);
+            return ResponseFuture {
+                phase,
+                sleep: None,
+                span,
+                run: Run {
+                    map_faults,
+                    deadline,
+                    timing,
+                    permit,
+                    stack: held,
+                    limited,
+                    later: None,
+                },
+            };
+        }
+        let stripe = Tries::<B>::deposit(cfg, || now.unwrap_or_else(Instant::now));
+        let (head, body) = req.into_parts();
+        let (first, replay) = Tries::record(cfg, body);
+        let copy = head.clone();
+        let req = Request::from_parts(head, first);
+        let (phase, permit, timing) = attempt(service, req, parts, grpc, deadline, now);
         ResponseFuture {
             phase,
             sleep: None,
@@ -180,9 +192,12 @@ where
                 deadline,
                 timing,
                 permit,
-                stack,
+                stack: Some(held.unwrap_or_else(|| stack.stripe(stripe))),
                 limited,
-                later,
+                later: Some(Later {
+                    service: service.clone(),
+                    tries: Tries::new(copy, deadline, replay),
+                }),
             },
         }
     }
