@@ -8,7 +8,7 @@
 //! ```
 //!
 //! and divide the difference of the two totals by 10 000. Scenarios: `bare`, `tower_retry`,
-//! `retry`, `tower_stack`, `stack`, `stack_like_tower` (no deadline, no breaker); `bare_proxied`, `stack_proxied`: the same with the head of
+//! `retry`, `tower_stack`, `stack`, `stack_like_tower` (no deadline, no breaker), `shell` (every part off); `bare_proxied`, `stack_proxied`: the same with the head of
 //! a request as a proxy forwards it (see [`proxied`]) and an answer with headers; `sizes`
 //! prints the response futures' sizes.
 
@@ -128,6 +128,21 @@ fn main() {
             let layer = Upstream::builder()
                 .no_deadline()
                 .no_breaker()
+                .build()
+                .unwrap();
+            rt.block_on(drive(
+                layer.layer(inner::<ReplayBody<Empty<Bytes>>>()),
+                iters,
+                empty,
+            ))
+        }
+        // The stack with every part off: what `Upstream` itself costs.
+        "shell" => {
+            let layer = Upstream::builder()
+                .no_deadline()
+                .no_retry()
+                .no_breaker()
+                .no_attempt_timeout()
                 .build()
                 .unwrap();
             rt.block_on(drive(
