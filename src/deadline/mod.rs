@@ -103,6 +103,7 @@ pub use self::layer::{DeadlineBuilder, DeadlineLayer};
 const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// `now + timeout`, with `timeout` capped at 100 years.
+#[inline]
 pub(crate) fn saturating_add(now: Instant, timeout: Duration) -> Instant {
     let timeout = timeout.min(FAR_FUTURE);
     now.checked_add(timeout)
@@ -227,6 +228,7 @@ impl Config {
     /// The deadline this layer gives a request (before any earlier one is considered), if any.
     /// `grpc` is whether the request is gRPC, when the caller knows: only a gRPC request's
     /// `grpc-timeout` is read then.
+    #[inline]
     fn deadline_of<B>(
         &self,
         req: &Request<B>,

@@ -81,8 +81,27 @@ where
 
 /// The answer to an outcome: the upstream's response (wrapped, maybe rewritten), or the
 /// fault's. `config` has the request's gRPC flag folded in ([`Config::for_request`]).
-#[inline]
+#[inline(always)]
 pub(crate) fn answer<B>(
+    config: &Config,
+    result: Result<Response<B>, BoxError>,
+) -> Response<FaultBody<B>> {
+    match result {
+        // The happy path, inline: an HTTP answer passed on as it is.
+        Ok(res)
+            if !config.is_grpc()
+                && !(config.view().settings.rewrite_upstream_5xx
+                    && res.status().is_server_error()) =>
+        {
+            res.map(|body| FaultBody::upstream(body, false))
+        }
+        other => answer_other(config, other),
+    }
+}
+
+/// [`answer`] for a gRPC answer, an upstream 5xx to rewrite, or a fault.
+#[inline(never)]
+fn answer_other<B>(
     config: &Config,
     result: Result<Response<B>, BoxError>,
 ) -> Response<FaultBody<B>> {

@@ -271,7 +271,7 @@ fn poll_timer(mut sleep: Pin<&mut Option<Sleep>>, at: Instant, cx: &mut Context<
 impl<S, P, B> Run<S, P, B> {
     /// After an attempt: the breaker counts it, the retry decides. `Break` with the final
     /// result, or `Continue` with the phase that leads to the next attempt.
-    #[inline]
+    #[inline(always)]
     fn attempted<ResB, F>(
         &mut self,
         res: Result<Response<ResB>, BoxError>,
