@@ -296,25 +296,31 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         // Checked first: with tracing's `log` feature and no subscriber, even a disabled
         // span records its fields for `log`, which costs more than the rest of the call.
-        if !tracing::enabled!(tracing::Level::DEBUG) {
-            return self.call_in(req, tracing::Span::none());
-        }
-        let span = tracing::debug_span!(
-            "upstream.request",
-            method = %req.method(),
-            authority = req.uri().authority().map(|a| a.as_str()),
-            path = req.uri().path(),
-            status = tracing::field::Empty,
-            attempts = tracing::field::Empty,
-            fault = tracing::field::Empty,
-            breaker_key = tracing::field::Empty,
-        );
-        if span.is_disabled() {
-            return self.call_in(req, span);
-        }
-        let _entered = span.enter();
-        self.call_in(req, span.clone())
+        let span = if tracing::enabled!(tracing::Level::DEBUG) {
+            request_span(&req)
+        } else {
+            tracing::Span::none()
+        };
+        // One call site, so that the request is not moved once more into another frame.
+        let entered = (!span.is_disabled()).then(|| span.clone());
+        let _entered = entered.as_ref().map(tracing::Span::enter);
+        self.call_in(req, span)
     }
+}
+
+/// The request's span (`upstream.request`), made only when DEBUG is enabled.
+#[inline(never)]
+fn request_span<B>(req: &Request<B>) -> tracing::Span {
+    tracing::debug_span!(
+        "upstream.request",
+        method = %req.method(),
+        authority = req.uri().authority().map(|a| a.as_str()),
+        path = req.uri().path(),
+        status = tracing::field::Empty,
+        attempts = tracing::field::Empty,
+        fault = tracing::field::Empty,
+        breaker_key = tracing::field::Empty,
+    )
 }
 
 impl<S, P> Upstream<S, P> {
