@@ -90,8 +90,8 @@ pub(crate) fn answer<B>(
         // The happy path, inline: an HTTP answer passed on as it is.
         Ok(res)
             if !config.is_grpc()
-                && !(config.view().settings.rewrite_upstream_5xx
-                    && res.status().is_server_error()) =>
+                && (!config.view().settings.rewrite_upstream_5xx
+                    || !res.status().is_server_error()) =>
         {
             res.map(|body| FaultBody::upstream(body, false))
         }

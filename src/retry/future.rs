@@ -68,6 +68,9 @@ pub(crate) struct Ctx<S, P, B> {
     pub(crate) tries: Tries<B>,
 }
 
+/// A request body's recording, shared by the attempts that replay it.
+pub(crate) type Recording<B> = Arc<Mutex<State<B>>>;
+
 /// A request that may be retried: the budget stripe it deposited in, and what later
 /// attempts need.
 pub(crate) type Begun<B> = (usize, Tries<B>);
@@ -81,7 +84,7 @@ pub(crate) struct Tries<B> {
     /// in the head's extensions travels with the head.
     deadline: Option<Instant>,
     /// The recorded body; `None` when the body was empty.
-    replay: Option<Arc<Mutex<State<B>>>>,
+    replay: Option<Recording<B>>,
     attempts: u32,
     /// The previous backoff, in nanoseconds (for decorrelated jitter).
     prev_delay_ns: u64,
@@ -166,16 +169,23 @@ where
 
 /// Marks a response that took more than one attempt (inserting an extension allocates, so
 /// the first-attempt happy path does not).
+#[inline]
 pub(crate) fn finish<ResB>(
-    res: Result<Response<ResB>, BoxError>,
+    mut res: Result<Response<ResB>, BoxError>,
     attempts: u32,
 ) -> Result<Response<ResB>, BoxError> {
-    res.map(|mut r| {
-        if attempts > 1 {
+    mark(&mut res, attempts);
+    res
+}
+
+/// [`finish`] in place: the response is not moved.
+#[inline]
+pub(crate) fn mark<ResB>(res: &mut Result<Response<ResB>, BoxError>, attempts: u32) {
+    if attempts > 1 {
+        if let Ok(r) = res {
             r.extensions_mut().insert(Attempts(attempts));
         }
-        r
-    })
+    }
 }
 
 impl<B> Tries<B> {
@@ -221,10 +231,7 @@ impl<B> Tries<B> {
     /// The first attempt's body and, unless `body` is empty, the recording later attempts
     /// replay.
     #[inline]
-    pub(crate) fn record<P>(
-        cfg: &Config<P>,
-        body: B,
-    ) -> (ReplayBody<B>, Option<Arc<Mutex<State<B>>>>)
+    pub(crate) fn record<P>(cfg: &Config<P>, body: B) -> (ReplayBody<B>, Option<Recording<B>>)
     where
         B: Body,
     {
@@ -242,7 +249,7 @@ impl<B> Tries<B> {
     pub(crate) fn new(
         head: http::request::Parts,
         deadline: Option<Instant>,
-        replay: Option<Arc<Mutex<State<B>>>>,
+        replay: Option<Recording<B>>,
     ) -> Self {
         Tries {
             head,

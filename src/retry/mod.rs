@@ -112,7 +112,7 @@ pub use self::policy::{DefaultPolicy, Idempotent, Outcome, Policy, RequestHead};
 pub use self::replay::ReplayBody;
 
 pub(crate) use self::budget::{stripe_index, STRIPES};
-pub(crate) use self::future::{finish, Tries};
+pub(crate) use self::future::{mark, Tries};
 use self::future::{Ctx, ResponseFuture};
 use crate::deadline::cover;
 use crate::fault::Classifier;

@@ -28,7 +28,7 @@ use super::{limit, Stack};
 use crate::breaker::Permit;
 use crate::deadline::{cover, saturating_add, DeadlineExceeded};
 use crate::map_faults::{self, FaultBody};
-use crate::retry::{finish, Attempts, Policy, ReplayBody, Tries};
+use crate::retry::{mark, Attempts, Policy, ReplayBody, Tries};
 use crate::stripe::{Stripe, Striped};
 use crate::timeout::error::Elapsed;
 use crate::timeout::Timing;
@@ -161,7 +161,17 @@ where
         // the largest thing a request carries, and every move of it is a memcpy.
         if !Tries::may_retry(cfg, &req) {
             let req = req.map(ReplayBody::passthrough);
-            let (phase, permit, timing) = attempt(service, req, parts, grpc, deadline, now);
+            let (mut permit, mut timing) = (None, Timing::Untimed);
+            let phase = attempt(
+                service,
+                req,
+                parts,
+                grpc,
+                deadline,
+                now,
+                &mut permit,
+                &mut timing,
+            );
             return ResponseFuture {
                 phase,
                 sleep: None,
@@ -182,7 +192,17 @@ where
         let (first, replay) = Tries::record(cfg, body);
         let copy = head.clone();
         let req = Request::from_parts(head, first);
-        let (phase, permit, timing) = attempt(service, req, parts, grpc, deadline, now);
+        let (mut permit, mut timing) = (None, Timing::Untimed);
+        let phase = attempt(
+            service,
+            req,
+            parts,
+            grpc,
+            deadline,
+            now,
+            &mut permit,
+            &mut timing,
+        );
         ResponseFuture {
             phase,
             sleep: None,
@@ -205,8 +225,10 @@ where
 
 /// Starts one attempt on `service`, which was polled ready: the breaker admits it, the
 /// attempt timeout times it (and tells a gRPC upstream), the service is called. Returns the
-/// phase, the breaker's permit and when the attempt must end.
+/// phase; the breaker's permit and when the attempt must end go to `permit` and `timing`
+/// (written in place rather than returned with the phase: a move less of each).
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn attempt<S, P, B>(
     service: &mut S,
     mut req: Request<ReplayBody<B>>,
@@ -214,21 +236,24 @@ fn attempt<S, P, B>(
     grpc: bool,
     deadline: Option<Instant>,
     now: Option<Instant>,
-) -> (Phase<S::Future>, Option<Permit>, Timing)
+    permit: &mut Option<Permit>,
+    timing: &mut Timing,
+) -> Phase<S::Future>
 where
     S: Service<Request<ReplayBody<B>>>,
 {
-    let permit = match &stack.breaker {
+    *permit = match &stack.breaker {
         None => None,
         Some(breaker) => match breaker.admit(&req) {
             Ok(permit) => permit,
             Err(open) => {
+                *timing = Timing::Untimed;
                 let error = Some(open.into());
-                return (Phase::Failed { error }, None, Timing::Untimed);
+                return Phase::Failed { error };
             }
         },
     };
-    let timing = match &stack.attempt {
+    *timing = match &stack.attempt {
         Some(config) => config.start(&mut req, Some(grpc), deadline, || {
             now.unwrap_or_else(Instant::now)
         }),
@@ -238,8 +263,9 @@ where
         }),
     };
     if let Timing::Spent = timing {
+        *timing = Timing::Untimed;
         let error = Some(DeadlineExceeded::before_start().into());
-        return (Phase::Failed { error }, permit, Timing::Untimed);
+        return Phase::Failed { error };
     }
     let fut = {
         // A layer of the crate's inside the service reads the clock reading and the private
@@ -247,7 +273,7 @@ where
         let _shared = deadline.map(|d| cover::Shared::share(now, Some(d)));
         service.call(req)
     };
-    (Phase::Attempt { fut }, permit, timing)
+    Phase::Attempt { fut }
 }
 
 /// Polls the one timer, set to fire at `at` (moved there if it was set for another time).
@@ -274,7 +300,7 @@ impl<S, P, B> Run<S, P, B> {
     #[inline(always)]
     fn attempted<ResB, F>(
         &mut self,
-        res: Result<Response<ResB>, BoxError>,
+        mut res: Result<Response<ResB>, BoxError>,
     ) -> ControlFlow<Result<Response<ResB>, BoxError>, Phase<F>>
     where
         P: Policy,
@@ -286,7 +312,8 @@ impl<S, P, B> Run<S, P, B> {
             return ControlFlow::Break(res);
         };
         let Some(delay) = later.tries.decide(stack.retry.get(), &res) else {
-            return ControlFlow::Break(finish(res, later.tries.attempts()));
+            mark(&mut res, later.tries.attempts());
+            return ControlFlow::Break(res);
         };
         drop(res);
         ControlFlow::Continue(if delay.is_zero() {
@@ -355,11 +382,16 @@ where
                         Poll::Ready(Ok(())) => {
                             let req = later.tries.next_request();
                             let grpc = run.map_faults.is_grpc();
-                            let (phase, permit, timing) =
-                                attempt(&mut later.service, req, stack, grpc, run.deadline, None);
-                            run.permit = permit;
-                            run.timing = timing;
-                            ControlFlow::Continue(phase)
+                            ControlFlow::Continue(attempt(
+                                &mut later.service,
+                                req,
+                                stack,
+                                grpc,
+                                run.deadline,
+                                None,
+                                &mut run.permit,
+                                &mut run.timing,
+                            ))
                         }
                         Poll::Ready(Err(e)) => ControlFlow::Break(Err(e.into())),
                         Poll::Pending => {
