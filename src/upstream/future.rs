@@ -45,7 +45,8 @@ pin_project! {
         #[pin]
         sleep: Option<Sleep>,
         run: Run<S, P, B>,
-        span: tracing::Span,
+        // Boxed, and only when DEBUG is on: the future stays small to move.
+        span: Option<Box<tracing::Span>>,
     }
 }
 
@@ -116,7 +117,7 @@ where
     pub(super) fn answer(
         error: BoxError,
         map_faults: map_faults::Config,
-        span: tracing::Span,
+        span: Option<Box<tracing::Span>>,
     ) -> Self {
         ResponseFuture {
             phase: Phase::Answer { error: Some(error) },
@@ -145,7 +146,7 @@ where
         (now, deadline): (Option<Instant>, Option<Instant>),
         limit: Option<limit::Permit<P>>,
         map_faults: map_faults::Config,
-        span: tracing::Span,
+        span: Option<Box<tracing::Span>>,
     ) -> Self
     where
         S: Clone,
@@ -338,8 +339,8 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let run = this.run;
-        let span = this.span;
-        let _entered = (!span.is_disabled()).then(|| span.enter());
+        let span = this.span.as_deref();
+        let _entered = span.map(tracing::Span::enter);
         let result = loop {
             let next = match this.phase.as_mut().project() {
                 PhaseProj::Attempt { fut } => {
@@ -416,7 +417,7 @@ where
         };
         run.release_limit();
         let res = map_faults::answer(&run.map_faults, result);
-        if !span.is_disabled() {
+        if let Some(span) = span {
             record(span, &res);
         }
         Poll::Ready(Ok(res))

@@ -299,19 +299,20 @@ where
         let span = if tracing::enabled!(tracing::Level::DEBUG) {
             request_span(&req)
         } else {
-            tracing::Span::none()
+            None
         };
         // One call site, so that the request is not moved once more into another frame.
-        let entered = (!span.is_disabled()).then(|| span.clone());
+        let entered = span.as_deref().cloned();
         let _entered = entered.as_ref().map(tracing::Span::enter);
         self.call_in(req, span)
     }
 }
 
-/// The request's span (`upstream.request`), made only when DEBUG is enabled.
+/// The request's span (`upstream.request`), made only when DEBUG is enabled; `None` when
+/// no subscriber wants it.
 #[inline(never)]
-fn request_span<B>(req: &Request<B>) -> tracing::Span {
-    tracing::debug_span!(
+fn request_span<B>(req: &Request<B>) -> Option<Box<tracing::Span>> {
+    let span = tracing::debug_span!(
         "upstream.request",
         method = %req.method(),
         authority = req.uri().authority().map(|a| a.as_str()),
@@ -320,7 +321,8 @@ fn request_span<B>(req: &Request<B>) -> tracing::Span {
         attempts = tracing::field::Empty,
         fault = tracing::field::Empty,
         breaker_key = tracing::field::Empty,
-    )
+    );
+    (!span.is_disabled()).then(|| Box::new(span))
 }
 
 impl<S, P> Upstream<S, P> {
@@ -329,7 +331,7 @@ impl<S, P> Upstream<S, P> {
     fn call_in<B, ResB>(
         &mut self,
         mut req: Request<B>,
-        span: tracing::Span,
+        span: Option<Box<tracing::Span>>,
     ) -> ResponseFuture<S, P, B, ResB>
     where
         S: Service<Request<ReplayBody<B>>, Response = Response<ResB>> + Clone,
