@@ -48,6 +48,18 @@ fn bench(c: &mut Criterion) {
             rt.block_on(timed(svc, n, empty))
         })
     });
+    // Ours doing what tower's three do (a retry within a budget, a timeout), and no more.
+    let like_tower = Upstream::builder()
+        .no_deadline()
+        .no_breaker()
+        .build()
+        .unwrap();
+    g.bench_function("upstream_like_tower", |b| {
+        b.iter_custom(|n| {
+            let svc = like_tower.layer(inner::<ReplayBody<Empty<Bytes>>>());
+            rt.block_on(timed(svc, n, empty))
+        })
+    });
     let limited = Upstream::builder().concurrency_limit(1024).build().unwrap();
     g.bench_function("upstream_default_with_limit", |b| {
         b.iter_custom(|n| {
