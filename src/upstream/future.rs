@@ -159,7 +159,9 @@ where
         let limited = limit.is_some();
         let held = limit.and_then(limit::Permit::into_stack);
         // Built straight into the future, without intermediate tuples: the head's copy is
-        // the largest thing a request carries, and every move of it is a memcpy.
+        // the largest thing a request carries, and every move of it is a memcpy. (So each
+        // branch builds the future itself; one build after an `if` returning the parts as a
+        // tuple measured 65 instructions more per request.)
         if !Tries::may_retry(cfg, &req) {
             let req = req.map(ReplayBody::passthrough);
             let (mut permit, mut timing) = (None, Timing::Untimed);
