@@ -237,9 +237,9 @@ async fn an_attempt_timeout_past_the_deadline_ends_at_the_deadline() -> Result<(
     assert_answer(&res, StatusCode::GATEWAY_TIMEOUT, DEADLINE_FAULT);
     assert_eq!(started.elapsed(), Duration::from_secs(1));
     assert_eq!(log.count(), 1, "no retry once the deadline is spent");
-    // NOTE: the attempt timer, cut to the deadline, fires inside the breaker, so the
-    // request's own deadline counts as an upstream failure (a client with short deadlines
-    // can open the circuit of a healthy upstream). Pinned as it is today.
+    // The stack's own deadline (its configured timeout) counts as an upstream failure: an
+    // upstream that hangs past it must open the circuit even when the attempt timeout is
+    // longer. A deadline the caller set does not (next test).
     assert_eq!(breaker_counts(&handle), (State::Closed, 1, 1));
     Ok(())
 }
@@ -801,5 +801,86 @@ async fn real_silent_upstream_gets_three_timed_out_attempts() -> Result<(), BoxE
         elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(1),
         "{elapsed:?}"
     );
+    Ok(())
+}
+
+// Pins: an attempt cut short by a deadline the caller set (an incoming `grpc-timeout`, or
+// the configured deadline header, earlier than the stack's own timeout) is not counted by
+// the breaker: callers with short deadlines cannot open the circuit of a healthy upstream
+// for everybody. The caller still gets its DEADLINE_EXCEEDED / 504.
+#[tokio::test(start_paused = true)]
+async fn a_deadline_the_caller_set_is_not_counted_by_the_breaker() -> Result<(), BoxError> {
+    let breaker = || {
+        CircuitBreakerLayer::builder()
+            .consecutive_failures(2)
+            .build()
+            .unwrap()
+    };
+    let log = Log::default();
+
+    // gRPC: `grpc-timeout: 100m` against the default 30 s deadline and 5 s attempts.
+    let layer = Upstream::builder()
+        .breaker(breaker())
+        .attempt_timeout(Duration::from_secs(5))
+        .build()?;
+    let handle = layer.breaker_handle().unwrap();
+    let svc = layer.layer(scripted(&log, |_| Act::Hang));
+    for _ in 0..3 {
+        let mut call = grpc_call();
+        call.headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("100m"));
+        let started = Instant::now();
+        let res = svc.clone().oneshot(call).await?;
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
+        assert_eq!(
+            res.headers().get("grpc-status").and_then(Code::from_header),
+            Some(Code::DeadlineExceeded)
+        );
+    }
+    assert_eq!(log.count(), 3, "every call reached the upstream");
+    assert_eq!(breaker_counts(&handle), (State::Closed, 0, 0));
+
+    // A longer `grpc-timeout` leaves the stack's own deadline (1 s) in charge: counted.
+    let layer = Upstream::builder()
+        .breaker(breaker())
+        .deadline(Duration::from_secs(1))
+        .attempt_timeout(Duration::from_secs(5))
+        .build()?;
+    let handle = layer.breaker_handle().unwrap();
+    let svc = layer.layer(scripted(&log, |_| Act::Hang));
+    let mut call = grpc_call();
+    call.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("10S"));
+    let res = svc.oneshot(call).await?;
+    assert_eq!(
+        res.headers().get("grpc-status").and_then(Code::from_header),
+        Some(Code::DeadlineExceeded)
+    );
+    assert_eq!(breaker_counts(&handle), (State::Closed, 1, 1));
+
+    // HTTP, with a configured deadline header: the same.
+    let deadline = DeadlineLayer::builder()
+        .timeout(Duration::from_secs(30))
+        .header(
+            "request-timeout",
+            tower_upstream::deadline::HeaderUnit::Seconds,
+        )
+        .build()?;
+    let layer = Upstream::builder()
+        .map_faults(detailed())
+        .breaker(breaker())
+        .deadline_layer(deadline)
+        .attempt_timeout(Duration::from_secs(5))
+        .build()?;
+    let handle = layer.breaker_handle().unwrap();
+    let svc = layer.layer(scripted(&log, |_| Act::Hang));
+    for _ in 0..3 {
+        let mut req = get("/");
+        req.headers_mut()
+            .insert("request-timeout", http::HeaderValue::from_static("1"));
+        let res = svc.clone().oneshot(req).await?;
+        assert_answer(&res, StatusCode::GATEWAY_TIMEOUT, DEADLINE_FAULT);
+    }
+    assert_eq!(breaker_counts(&handle), (State::Closed, 0, 0));
     Ok(())
 }

@@ -54,6 +54,14 @@
 //! else, 4xx included, is a success. A call whose future is dropped is not a sample, and a
 //! half-open probe slot it held is given back.
 //!
+//! Inside [`Upstream`](crate::Upstream), an attempt cut short by a deadline **the caller
+//! set** (an incoming `grpc-timeout`, or the deadline's configured header, earlier than the
+//! stack's own timeout) is not a sample either: otherwise any caller sending tiny deadlines
+//! could open the circuit of a healthy upstream for everybody. The stack's own deadline does
+//! count, so that an upstream that hangs opens the circuit even with a long attempt timeout.
+//! (A breaker composed by hand under a `Deadline` cannot tell whose deadline it was, and
+//! counts both.)
+//!
 //! # Errors
 //!
 //! `Error = BoxError`: the inner service's error, or [`CircuitOpen`]

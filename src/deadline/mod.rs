@@ -225,20 +225,23 @@ impl Config {
         }
     }
 
-    /// The deadline this layer gives a request (before any earlier one is considered), if any.
-    /// `grpc` is whether the request is gRPC, when the caller knows: only a gRPC request's
-    /// `grpc-timeout` is read then.
+    /// The deadline this layer gives a request (before any earlier one is considered), if
+    /// any, and whether a header of the request set it (made it earlier than the layer's
+    /// own timeout, or there is none). `grpc` is whether the request is gRPC, when the
+    /// caller knows: only a gRPC request's `grpc-timeout` is read then.
     #[inline]
     fn deadline_of<B>(
         &self,
         req: &Request<B>,
         now: Instant,
         grpc: Option<bool>,
-    ) -> Option<Instant> {
-        let mut at = self.timeout.map(|t| saturating_add(now, t));
+    ) -> Option<(Instant, bool)> {
+        let mut at = self.timeout.map(|t| (saturating_add(now, t), false));
         let mut cap = |t: Duration| {
             let t = saturating_add(now, t);
-            at = Some(at.map_or(t, |at| at.min(t)));
+            if at.is_none_or(|(at, _)| t < at) {
+                at = Some((t, true));
+            }
         };
         if self.grpc_timeout && grpc != Some(false) {
             if let Some(t) = grpc::timeout_of(req.headers()) {
@@ -273,11 +276,11 @@ impl Config {
         let now = cover::now();
         let own = self.deadline_of(req, now, grpc);
         let earlier = RequestDeadline::of(req).map(|d| d.instant());
-        let (at, ours) = match (own, earlier) {
+        let (at, ours, by_caller) = match (own, earlier) {
             (None, None) => return Start::Untimed,
-            (Some(at), None) => (at, true),
-            (Some(at), Some(earlier)) if at < earlier => (at, true),
-            (_, Some(earlier)) => (earlier, false),
+            (Some((at, by_caller)), None) => (at, true, by_caller),
+            (Some((at, by_caller)), Some(earlier)) if at < earlier => (at, true, by_caller),
+            (_, Some(earlier)) => (earlier, false, false),
         };
         if at <= now {
             return Start::Spent;
@@ -299,6 +302,7 @@ impl Config {
             at,
             now,
             private: !self.extension,
+            by_caller,
         }
     }
 }
@@ -315,6 +319,10 @@ pub(crate) enum Start {
         now: Instant,
         /// The deadline travels privately (see [`cover`]).
         private: bool,
+        /// The caller set it, with a header of the request: see
+        /// [`Upstream`](crate::Upstream)'s breaker, which does not count an attempt that
+        /// such a deadline cut short.
+        by_caller: bool,
     },
 }
 
@@ -331,7 +339,9 @@ impl Start {
     #[inline]
     pub(crate) fn share_grpc(&self, grpc: Option<bool>) -> Option<cover::Shared> {
         match *self {
-            Start::Timed { at, now, private } => Some(cover::Shared::share_grpc(
+            Start::Timed {
+                at, now, private, ..
+            } => Some(cover::Shared::share_grpc(
                 Some(now),
                 private.then_some(at),
                 grpc,

@@ -80,6 +80,10 @@ struct Run<S, P, B> {
     stack: Option<Arc<Stripe<Stack<P>>>>,
     /// Whether the request holds a place under the limit (given back with the answer).
     limited: bool,
+    /// Whether the deadline is the caller's (a header of the request made it earlier than
+    /// the stack's own): an attempt it cuts short is not counted by the breaker, so that
+    /// callers with short deadlines cannot open the circuit of a healthy upstream.
+    caller_deadline: bool,
     /// What later attempts need (with `stack`); `None` for a request sent once.
     later: Option<Later<S, B>>,
 }
@@ -130,6 +134,7 @@ where
                 permit: None,
                 stack: None,
                 limited: false,
+                caller_deadline: false,
                 later: None,
             },
         }
@@ -143,7 +148,7 @@ where
         service: &mut S,
         stack: &Striped<Stack<P>>,
         req: Request<B>,
-        (now, deadline): (Option<Instant>, Option<Instant>),
+        (now, deadline, caller_deadline): (Option<Instant>, Option<Instant>, bool),
         limit: Option<limit::Permit<P>>,
         map_faults: map_faults::Config,
         span: Option<Box<tracing::Span>>,
@@ -186,6 +191,7 @@ where
                     permit,
                     stack: held,
                     limited,
+                    caller_deadline,
                     later: None,
                 },
             };
@@ -217,6 +223,7 @@ where
                 permit,
                 stack: Some(held.unwrap_or_else(|| stack.stripe(stripe))),
                 limited,
+                caller_deadline,
                 later: Some(Later {
                     service: service.clone(),
                     tries: Tries::new(copy, deadline, replay),
@@ -354,6 +361,11 @@ where
                             };
                             if poll_timer(this.sleep.as_mut(), at, cx).is_pending() {
                                 return Poll::Pending;
+                            }
+                            if by_deadline && run.caller_deadline {
+                                // Given back uncounted: the caller's own deadline says
+                                // nothing about the upstream.
+                                run.permit = None;
                             }
                             Err(if by_deadline {
                                 DeadlineExceeded::in_flight().into()

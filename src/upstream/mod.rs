@@ -96,7 +96,9 @@
 //!   open circuit (`CircuitOpen`, never retried) fails the request fast.
 //! - **AttemptTimeout** is innermost: each attempt gets its own timeout (the smaller of
 //!   its own and the time the deadline leaves), and a timed-out attempt counts as one
-//!   failure for the breaker.
+//!   failure for the breaker; one cut short by a deadline the caller set (its
+//!   `grpc-timeout` or the deadline header) does not count (see the
+//!   [breaker's docs](crate::breaker#what-counts-as-a-failure)).
 //!
 //! Another order is possible by composing the layers by hand with `ServiceBuilder`.
 //!
@@ -350,12 +352,14 @@ impl<S, P> Upstream<S, P> {
             None => Start::Untimed,
         };
         let clock = match start {
-            Start::Untimed => (None, None),
+            Start::Untimed => (None, None, false),
             Start::Spent => {
                 let error = DeadlineExceeded::before_start().into();
                 return ResponseFuture::answer(error, map_faults, span);
             }
-            Start::Timed { at, now, .. } => (Some(now), Some(at)),
+            Start::Timed {
+                at, now, by_caller, ..
+            } => (Some(now), Some(at), by_caller),
         };
         if self.limit.shed {
             return ResponseFuture::answer(Overloaded::new().into(), map_faults, span);
