@@ -851,3 +851,75 @@ async fn the_deadline_reaches_the_service_as_an_extension_only_when_asked() {
         .unwrap();
     assert_eq!(seen(public).await, "Some(2s)");
 }
+
+/// `FILE`, in YAML.
+const YAML: &str = r#"
+concurrency_limit: 64
+map_faults:
+  gateway_name: edge
+  body: plain_text
+  rewrite_upstream_5xx: true
+deadline:
+  timeout: 5s
+retry:
+  max_attempts: 2
+  body_limit: 1024
+  grpc_codes: [UNAVAILABLE, resource_exhausted, 4]
+  backoff: { kind: none }
+  budget: { ratio: 0.5, min_per_second: 20, window: 30s }
+breaker:
+  count_window: 50
+  min_calls: 10
+  consecutive_failures: 3
+  open_duration: 1.5s
+  key: authority
+attempt_timeout:
+  timeout: "2s"
+"#;
+
+#[test]
+fn yaml_reads_as_the_same_toml_does_and_errors_name_the_path() {
+    let yaml: UpstreamConfig = serde_norway::from_str(YAML).unwrap();
+    assert_eq!(yaml, parse(FILE));
+    let layer = yaml.build().unwrap();
+    assert_eq!(
+        layer.retry_budget().unwrap().window(),
+        Duration::from_secs(30)
+    );
+
+    // Durations with units, nested sections, routes in a list: errors name the path.
+    let text = r#"
+routes:
+  - path: /a
+  - path: /b
+    upstream: { deadline: { timeout: 250ms } }
+  - path: /c
+    upstream:
+      retry:
+        budget: { window: 10 }
+"#;
+    let de = serde_norway::Deserializer::from_str(text);
+    let err = serde_path_to_error::deserialize::<_, Gateway>(de)
+        .err()
+        .expect("a duration needs a unit");
+    assert_eq!(
+        err.path().to_string(),
+        "routes[2].upstream.retry.budget.window"
+    );
+
+    let gateway: Gateway = serde_norway::from_str(
+        "routes:\n  - path: /a\n    upstream: { deadline: { timeout: 250ms } }\n  - path: /b\n    upstream: { retry: { budget: { ratio: 11.0 } } }\n",
+    )
+    .unwrap();
+    assert_eq!(
+        gateway.routes[0].upstream.deadline.timeout,
+        Some(Duration::from_millis(250))
+    );
+    let err = gateway.routes[1]
+        .upstream
+        .build()
+        .unwrap_err()
+        .in_field("upstream")
+        .in_field("routes[1]");
+    assert_eq!(err.field(), "routes[1].upstream.retry.budget.ratio");
+}
