@@ -523,3 +523,113 @@ async fn one_span_per_request_and_nothing_above_debug_when_healthy() {
         }
     }
 }
+
+const BODY: &[u8] = b"{\"n\":1}";
+
+/// An upstream that records each request's head (up to the blank line), reads its body and
+/// answers the first request 503, the others 200.
+async fn recording_upstream() -> (SocketAddr, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = heads.clone();
+    let addr = raw_upstream(move |mut s| {
+        let log = log.clone();
+        async move {
+            // The head, then the whole body, so that the answer comes after it.
+            let mut head = read_head(&mut s).await;
+            let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let mut body = head.split_off(end);
+            let mut chunk = [0u8; 64];
+            while body.len() < BODY.len() {
+                match tokio::io::AsyncReadExt::read(&mut s, &mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => body.extend_from_slice(&chunk[..n]),
+                }
+            }
+            assert_eq!(body, BODY, "every attempt sends the whole body");
+            let first = {
+                let mut log = log.lock().unwrap();
+                log.push(head);
+                log.len() == 1
+            };
+            let reply: &[u8] = if first {
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+            };
+            let _ = s.write_all(reply).await;
+            let _ = s.shutdown().await;
+        }
+    })
+    .await;
+    (addr, heads)
+}
+
+/// A request with repeated, empty, non-ASCII and sensitive headers.
+fn request_with_many_headers(upstream: SocketAddr) -> Request<Full<Bytes>> {
+    let mut secret = http::HeaderValue::from_static("Bearer s3cret");
+    secret.set_sensitive(true);
+    Request::post(format!("http://{upstream}/orders?id=7"))
+        .header("idempotency-key", "k-1")
+        .header("x-tag", "one")
+        .header("accept", "application/json")
+        .header("x-tag", "two")
+        .header("x-empty", "")
+        .header(
+            "x-latin1",
+            http::HeaderValue::from_bytes(b"caf\xe9\tau lait").unwrap(),
+        )
+        .header("authorization", secret)
+        .body(Full::new(Bytes::from_static(BODY)))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_retry_sends_the_same_head_again() {
+    let client: Client<_, ReplayBody<Full<Bytes>>> = Client::builder(TokioExecutor::new())
+        .build(HttpConnector::new_with_resolver(local_resolver()));
+    let retry = || RetryLayer::builder().max_attempts(2).build().unwrap();
+
+    // The whole stack, and the retry layer on its own: each keeps its own copy of the head.
+    let (upstream, heads) = recording_upstream().await;
+    let layer = Upstream::builder().retry(retry()).build().unwrap();
+    let mut stack = ServiceBuilder::new().layer(layer).service(client.clone());
+    let res = stack
+        .ready()
+        .await
+        .unwrap()
+        .call(request_with_many_headers(upstream))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    let (alone, alone_heads) = recording_upstream().await;
+    let mut retry_only = ServiceBuilder::new().layer(retry()).service(client);
+    let res = retry_only
+        .ready()
+        .await
+        .unwrap()
+        .call(request_with_many_headers(alone))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    for (heads, upstream) in [(heads, upstream), (alone_heads, alone)] {
+        let heads = heads.lock().unwrap();
+        assert_eq!(heads.len(), 2, "one retry after the 503");
+        assert_eq!(
+            String::from_utf8_lossy(&heads[0]),
+            String::from_utf8_lossy(&heads[1]),
+            "the second attempt's head is the first one's"
+        );
+        let text = String::from_utf8_lossy(&heads[0]).to_ascii_lowercase();
+        assert!(text.starts_with("post /orders?id=7 http/1.1\r\n"), "{text}");
+        assert!(text.contains(&format!("host: {upstream}\r\n")), "{text}");
+        let tags: Vec<_> = text.matches("x-tag: ").collect();
+        assert_eq!(tags.len(), 2, "{text}");
+        assert!(text.find("x-tag: one").unwrap() < text.find("x-tag: two").unwrap());
+        let latin1: &[u8] = b"x-latin1: caf\xe9\tau lait\r\n";
+        assert!(heads[0].windows(latin1.len()).any(|w| w == latin1));
+        assert!(text.contains("x-empty: \r\n"), "{text}");
+        assert!(text.contains("authorization: bearer s3cret\r\n"), "{text}");
+    }
+}

@@ -235,6 +235,13 @@ where
                 if let Some(d) = frame.data_ref() {
                     self.sent += d.len() as u64;
                 }
+                // A sender that trusts `is_end_stream` (hyper does, after each frame) never
+                // polls for the end; without this, a body such as `Full` would look unfinished
+                // and its request could not be retried after a response.
+                if live.is_end_stream() {
+                    state.end = true;
+                    self.live = None;
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
         }
@@ -288,6 +295,20 @@ mod tests {
         let second = ReplayBody::replay(&shared).collect().await.unwrap();
         assert_eq!(second.trailers(), Some(&trailers));
         assert_eq!(first.to_bytes(), second.to_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_body_that_says_it_ended_is_recorded_whole_without_a_last_poll() {
+        // hyper stops polling once `is_end_stream` says so; `Full` says so after its frame.
+        let shared = State::new(http_body_util::Full::new(Bytes::from_static(b"abc")), 1024);
+        let mut first = ReplayBody::replay(&shared);
+        let f = first.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "abc");
+        assert!(first.is_end_stream());
+        assert!(lock(&shared).can_replay(true));
+        drop(first);
+        let again = ReplayBody::replay(&shared).collect().await.unwrap();
+        assert_eq!(again.to_bytes(), "abc");
     }
 
     #[tokio::test]
