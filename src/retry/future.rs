@@ -22,6 +22,7 @@ use super::{Attempts, Config, Policy};
 use crate::deadline::{cover, RequestDeadline};
 use crate::fault::Fault;
 use crate::grpc;
+use crate::head::HeadCopy;
 use crate::stripe::Stripe;
 
 pin_project! {
@@ -79,7 +80,7 @@ pub(crate) type Begun<B> = (usize, Tries<B>);
 /// Shared by [`Retry`](super::Retry) and [`Upstream`](crate::Upstream), which each keep the
 /// service to call and the configuration themselves.
 pub(crate) struct Tries<B> {
-    head: http::request::Parts,
+    head: HeadCopy,
     /// The deadline a `Deadline` above shared without an extension (inside `Upstream`); one
     /// in the head's extensions travels with the head.
     deadline: Option<Instant>,
@@ -209,7 +210,7 @@ impl<B> Tries<B> {
         let stripe = Self::deposit(cfg, now);
         let (parts, body) = req.into_parts();
         let (first, replay) = Self::record(cfg, body);
-        let tries = Tries::new(parts.clone(), deadline, replay);
+        let tries = Tries::new(HeadCopy::of(&parts), deadline, replay);
         (Request::from_parts(parts, first), Some((stripe, tries)))
     }
 
@@ -247,7 +248,7 @@ impl<B> Tries<B> {
     /// without an extension, the body's recording.
     #[inline]
     pub(crate) fn new(
-        head: http::request::Parts,
+        head: HeadCopy,
         deadline: Option<Instant>,
         replay: Option<Recording<B>>,
     ) -> Self {
@@ -284,7 +285,7 @@ impl<B> Tries<B> {
             };
             if !cfg
                 .policy
-                .should_retry(RequestHead::of_parts(&self.head), &outcome)
+                .should_retry(RequestHead::of_copy(&self.head), &outcome)
             {
                 return None;
             }
@@ -300,7 +301,7 @@ impl<B> Tries<B> {
         res: &Result<Response<ResB>, BoxError>,
         policy_said_yes: bool,
     ) -> Option<Duration> {
-        let head = RequestHead::of_parts(&self.head);
+        let head = RequestHead::of_copy(&self.head);
         let classification;
         let (outcome, what) = match res {
             Ok(rsp) => (
@@ -359,7 +360,7 @@ impl<B> Tries<B> {
         // Read here, not kept in the future: only a retry decision needs it.
         let ext = self
             .head
-            .extensions
+            .extensions()
             .get::<RequestDeadline>()
             .map(|d| d.instant());
         let deadline = match (ext, self.deadline) {
@@ -371,6 +372,10 @@ impl<B> Tries<B> {
                 tracing::debug!(attempt = self.attempts, outcome = %what, "deadline leaves no time for another attempt");
                 return None;
             }
+        }
+        if !self.head.is_whole() {
+            tracing::debug!(attempt = self.attempts, outcome = %what, "request head cannot be copied whole; not retrying");
+            return None;
         }
         if !cfg.budget.withdraw() {
             tracing::debug!(attempt = self.attempts, outcome = %what, "retry budget exhausted");
@@ -388,7 +393,7 @@ impl<B> Tries<B> {
 
     /// The next attempt's request (counted as made).
     pub(crate) fn next_request(&mut self) -> Request<ReplayBody<B>> {
-        let mut parts = self.head.clone();
+        let mut parts = self.head.to_parts();
         if grpc::is_grpc(&parts.headers) {
             parts.headers.insert(
                 "grpc-previous-rpc-attempts",

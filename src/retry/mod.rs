@@ -68,10 +68,18 @@
 //!
 //! # Request head
 //!
-//! Retries reuse a clone of the whole request head taken before the first attempt: method,
+//! Retries reuse a copy of the whole request head taken before the first attempt: method,
 //! URI, version, headers and all extensions (http 1.x extensions are `Clone`), so the
 //! [`RequestDeadline`] and [`Idempotent`] markers travel with every attempt. gRPC retries
 //! add `grpc-previous-rpc-attempts`.
+//!
+//! Most requests are never retried, so the copy is made cheap: the headers are packed into
+//! one buffer (one allocation, none without headers; no reference counts touched) and a
+//! header map is rebuilt from it only when a retry is sent or a [`Policy`] reads
+//! [`RequestHead::headers`]. Every header comes back, in order, with its sensitive flag. A
+//! value that `HeaderValue::from_bytes` refuses (one made with
+//! `from_maybe_shared_unchecked` against its contract) cannot be rebuilt; such a request is
+//! not retried rather than sent again without it.
 //!
 //! # Visibility
 //!

@@ -81,6 +81,12 @@ pub trait Policy: Send + Sync + 'static {
     }
 
     /// Whether to retry after this outcome.
+    ///
+    /// Called after every attempt while attempts are left, on the happy path too. `req` is
+    /// read from the retry's copy of the head: its method, URI and extensions are at hand,
+    /// while the first call to [`RequestHead::headers`] in a request's life rebuilds its
+    /// header map (see [Request head](crate::retry#request-head)). Look at `outcome` first,
+    /// as [`DefaultPolicy`] does, to keep the happy path cheap.
     fn should_retry(&self, req: RequestHead<'_>, outcome: &Outcome<'_>) -> bool;
 }
 

@@ -27,6 +27,7 @@ use tower_service::Service;
 use super::{limit, Stack};
 use crate::breaker::Permit;
 use crate::deadline::{cover, saturating_add, DeadlineExceeded};
+use crate::head::HeadCopy;
 use crate::map_faults::{self, FaultBody};
 use crate::retry::{mark, Attempts, Policy, ReplayBody, Tries};
 use crate::stripe::{Stripe, Striped};
@@ -199,7 +200,7 @@ where
         let stripe = Tries::<B>::deposit(cfg, || now.unwrap_or_else(Instant::now));
         let (head, body) = req.into_parts();
         let (first, replay) = Tries::record(cfg, body);
-        let copy = head.clone();
+        let copy = HeadCopy::of(&head);
         let req = Request::from_parts(head, first);
         let (mut permit, mut timing) = (None, Timing::Untimed);
         let phase = attempt(
