@@ -141,7 +141,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|ct| is_grpc_content_type(ct.as_bytes()))
 }
 
-fn is_grpc_content_type(ct: &[u8]) -> bool {
+pub(crate) fn is_grpc_content_type(ct: &[u8]) -> bool {
     const PREFIX: &[u8] = b"application/grpc";
     if ct.len() < PREFIX.len() || !ct[..PREFIX.len()].eq_ignore_ascii_case(PREFIX) {
         return false;

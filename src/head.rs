@@ -4,8 +4,10 @@
 use std::fmt;
 use std::sync::OnceLock;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{Extensions, HeaderMap, Method, Uri, Version};
+
+use crate::grpc;
 
 /// A read-only view of a request's head (method, URI, headers, extensions), as the retry
 /// policy and the breaker's key function see it; the body is the layers' business.
@@ -63,6 +65,15 @@ impl<'a> RequestHead<'a> {
         match self.headers {
             Headers::Map(map) => map,
             Headers::Packed(packed) => &packed.unpacked().map,
+        }
+    }
+
+    /// Whether the request is a gRPC call, when that is known without a header lookup
+    /// (from a copy of the head, which noted it while packing).
+    pub(crate) fn grpc_hint(&self) -> Option<bool> {
+        match self.headers {
+            Headers::Map(_) => None,
+            Headers::Packed(packed) => Some(packed.grpc),
         }
     }
 
@@ -126,6 +137,9 @@ struct Packed {
     buf: Vec<u8>,
     /// How many headers `buf` holds.
     len: usize,
+    /// Whether the headers make the request a gRPC call ([`grpc::is_grpc`]), noted while
+    /// packing so that policies need not unpack to know.
+    grpc: bool,
     /// The map, rebuilt when first read.
     unpacked: OnceLock<Box<Unpacked>>,
 }
@@ -187,6 +201,7 @@ impl Packed {
             return Packed {
                 buf: Vec::new(),
                 len: 0,
+                grpc: false,
                 unpacked: OnceLock::new(),
             };
         }
@@ -196,7 +211,12 @@ impl Packed {
     fn pack_some(headers: &HeaderMap) -> Packed {
         // One pass: a first guess that holds the usual head, grown (rarely) for a large one.
         let mut buf = Vec::with_capacity(headers.len() * (HEADER + GUESS));
+        // Of the first `content-type`, as `grpc::is_grpc` reads it.
+        let mut content_type = None;
         for (name, value) in headers {
+            if content_type.is_none() && name == CONTENT_TYPE {
+                content_type = Some(grpc::is_grpc_content_type(value.as_bytes()));
+            }
             let name = name.as_str().as_bytes();
             let mut fixed = [0; HEADER];
             // `http` refuses longer names; a `u16` always holds the length.
@@ -211,6 +231,7 @@ impl Packed {
         Packed {
             buf,
             len: headers.len(),
+            grpc: content_type.unwrap_or(false),
             unpacked: OnceLock::new(),
         }
     }
@@ -310,6 +331,34 @@ mod tests {
         let view = RequestHead::of_copy(&copy);
         assert_eq!(view.headers(), &original.headers);
         assert!(view.is_idempotent());
+    }
+
+    #[test]
+    fn the_copy_knows_a_grpc_call_as_grpc_is_grpc_does() {
+        for (types, grpc) in [
+            (&["application/grpc+proto"][..], true),
+            (&["Application/GRPC"], true),
+            (&["application/grpc-web"], false),
+            (&["text/plain", "application/grpc"], false),
+            (&[], false),
+        ] {
+            let mut build = http::Request::post("/pkg.Svc/Call").header("te", "trailers");
+            for t in types {
+                build = build.header("content-type", *t);
+            }
+            let original = head(build);
+            let copy = HeadCopy::of(&original);
+            assert_eq!(grpc::is_grpc(&original.headers), grpc, "{types:?}");
+            assert_eq!(
+                RequestHead::of_copy(&copy).grpc_hint(),
+                Some(grpc),
+                "{types:?}"
+            );
+            assert_eq!(
+                RequestHead::of(&http::Request::from_parts(original, ())).grpc_hint(),
+                None
+            );
+        }
     }
 
     #[test]

@@ -884,3 +884,45 @@ async fn a_deadline_the_caller_set_is_not_counted_by_the_breaker() -> Result<(),
     assert_eq!(breaker_counts(&handle), (State::Closed, 0, 0));
     Ok(())
 }
+
+// Only the answer to a gRPC call is a gRPC answer: a `grpc-status` on the answer to a plain
+// HTTP request is neither a breaker failure nor a reason to retry.
+#[tokio::test(start_paused = true)]
+async fn a_grpc_status_counts_only_in_the_answer_to_a_grpc_call() -> Result<(), BoxError> {
+    let layer = Upstream::builder().build()?;
+    let handle = layer.breaker_handle().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let svc = layer.layer(service_fn(move |_req: Request<ReplayBody<Full<Bytes>>>| {
+        seen.fetch_add(1, SeqCst);
+        async {
+            let mut rsp = Response::new(Full::<Bytes>::default());
+            rsp.headers_mut()
+                .insert("content-type", "application/grpc".parse().unwrap());
+            rsp.headers_mut()
+                .insert("grpc-status", "14".parse().unwrap());
+            Ok::<_, Infallible>(rsp)
+        }
+    }));
+
+    let res = svc.clone().oneshot(get("/")).await?;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(Attempts::of(&res), 1);
+    assert_eq!(calls.load(SeqCst), 1, "not retried");
+    assert_eq!(breaker_counts(&handle), (State::Closed, 1, 0), "a success");
+
+    let res = svc.oneshot(grpc_call()).await?;
+    assert_eq!(header(&res, "grpc-status"), "14");
+    assert_eq!(
+        Attempts::of(&res),
+        3,
+        "an idempotent UNAVAILABLE call is retried"
+    );
+    assert_eq!(calls.load(SeqCst), 4);
+    assert_eq!(
+        breaker_counts(&handle),
+        (State::Closed, 4, 3),
+        "three failures"
+    );
+    Ok(())
+}

@@ -57,12 +57,14 @@ impl Permit {
 impl Permit {
     /// Counts an attempt's result: a response as the breaker's configuration classifies
     /// it; an error as a failure, unless it is a local rejection (circuit open, shed), which
-    /// says nothing about the upstream.
+    /// says nothing about the upstream. `grpc`: whether the request may have a gRPC
+    /// answer, whose `grpc-status` is read (`false` spares the lookup in every response to
+    /// a request known not to be gRPC).
     #[inline]
-    pub(crate) fn complete_with<B>(self, res: &Result<Response<B>, BoxError>) {
+    pub(crate) fn complete_with<B>(self, res: &Result<Response<B>, BoxError>, grpc: bool) {
         let config = &self.pin.core.config;
         let outcome = match res {
-            Ok(resp) => config.response_outcome(resp),
+            Ok(resp) => config.response_outcome(resp, grpc),
             Err(e) => {
                 let c = config.classifier.classify(&**e);
                 if c.fault().is_local_rejection() {
@@ -161,7 +163,7 @@ where
             KindProj::Called { future, permit } => {
                 let res = ready!(future.poll(cx)).map_err(Into::into);
                 if let Some(p) = permit.take() {
-                    p.complete_with(&res);
+                    p.complete_with(&res, true);
                 }
                 Poll::Ready(res)
             }

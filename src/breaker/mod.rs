@@ -59,6 +59,9 @@
 //! stack's own timeout) is not a sample either: otherwise any caller sending tiny deadlines
 //! could open the circuit of a healthy upstream for everybody. The stack's own deadline does
 //! count, so that an upstream that hangs opens the circuit even with a long attempt timeout.
+//! There, too, a `grpc-status` is read only in the answer to a gRPC call (a request whose
+//! `content-type` is `application/grpc…`): on the answer to a plain HTTP request it is just
+//! a header.
 //! (A breaker composed by hand under a `Deadline` cannot tell whose deadline it was, and
 //! counts both.)
 //!

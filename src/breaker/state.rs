@@ -80,15 +80,16 @@ impl Config {
     }
 
     /// Judges an upstream response: a configured status (502/503/504 by default), or a
-    /// configured `grpc-status` in a trailers-only response's headers, is a failure.
+    /// configured `grpc-status` in a trailers-only response's headers (read when `grpc`:
+    /// the request may be a gRPC call), is a failure.
     #[inline]
-    pub(crate) fn response_outcome<B>(&self, resp: &Response<B>) -> Outcome {
+    pub(crate) fn response_outcome<B>(&self, resp: &Response<B>, grpc: bool) -> Outcome {
         if self.status_is_failure(resp.status().as_u16()) {
             return Outcome::Failure {
                 retry_after: retry_after(resp.headers()),
             };
         }
-        if self.grpc_codes != 0 && !resp.headers().is_empty() {
+        if grpc && self.grpc_codes != 0 && !resp.headers().is_empty() {
             if let Some(code) = resp
                 .headers()
                 .get(&grpc::GRPC_STATUS)

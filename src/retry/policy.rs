@@ -181,7 +181,9 @@ impl Policy for DefaultPolicy {
                 // A gRPC answer is HTTP 200 with `grpc-status` in the headers (trailers-only).
                 // Checked in this order so an HTTP 200 costs one header lookup at most.
                 200 => {
-                    !headers.is_empty()
+                    // From the retry's copy of the head, known without a lookup.
+                    req.grpc_hint() != Some(false)
+                        && !headers.is_empty()
                         && headers
                             .get(&grpc::GRPC_STATUS)
                             .and_then(Code::from_header)

@@ -317,7 +317,7 @@ impl<S, P, B> Run<S, P, B> {
         P: Policy,
     {
         if let Some(permit) = self.permit.take() {
-            permit.complete_with(&res);
+            permit.complete_with(&res, self.map_faults.is_grpc());
         }
         let (Some(later), Some(stack)) = (&mut self.later, &self.stack) else {
             return ControlFlow::Break(res);
