@@ -171,3 +171,128 @@ async fn a_request_made_below_does_not_inherit_the_grpc_flag() {
     assert_eq!(*outer_seen.lock().unwrap(), [Some(Duration::from_secs(2))]);
     assert_eq!(*nested_seen.lock().unwrap(), [None]);
 }
+
+/// A plain HTTP upstream whose attempt `n` (from 1) waits `waits[n - 1]` (forever when
+/// there is none) and then answers 503 with `Retry-After: retry_after` seconds; it records
+/// the `request-timeout` header each attempt carried.
+fn slow_503s(
+    waits: &'static [u64],
+    retry_after: u64,
+    seen: Arc<Mutex<Vec<Option<String>>>>,
+) -> impl tower::Service<
+    Request<ReplayBody<Full<Bytes>>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
+        let attempt = {
+            let mut seen = seen.lock().unwrap();
+            seen.push(
+                req.headers()
+                    .get("request-timeout")
+                    .map(|v| v.to_str().unwrap().to_owned()),
+            );
+            assert!(RequestDeadline::of(&req).is_none());
+            seen.len()
+        };
+        async move {
+            match waits.get(attempt - 1) {
+                Some(0) => {}
+                Some(&secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
+                None => std::future::pending().await,
+            }
+            let rsp = Response::builder()
+                .status(503)
+                .header("retry-after", retry_after)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            Ok::<_, Infallible>(rsp)
+        }
+    })
+}
+
+/// On a plain HTTP request, the stack's deadline is worked out when it first matters (no
+/// clock read for a request answered without waiting), and then once: a retry weighs its
+/// pushback against the same deadline that ends the request.
+#[tokio::test(start_paused = true)]
+async fn a_plain_requests_deadline_is_worked_out_once() {
+    let layer = Upstream::builder()
+        .deadline(Duration::from_secs(5))
+        .no_attempt_timeout()
+        .build()
+        .unwrap();
+
+    // The first attempt answers at once (the deadline is worked out by the retry's
+    // decision), the second hangs: 504 at 5 s sharp, not 5 s after the 1 s pushback.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let svc = layer.layer(slow_503s(&[0], 1, seen.clone()));
+    let started = tokio::time::Instant::now();
+    let res = svc
+        .oneshot(Request::get("/").body(Full::default()).unwrap())
+        .await;
+    assert_eq!(res.unwrap().status(), 504);
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+    assert_eq!(seen.lock().unwrap().len(), 2);
+
+    // The first attempt waits 2 s (the deadline is worked out when it starts waiting), then
+    // asks for 4 s: the deadline leaves 3 s, so the 503 is the answer.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let svc = layer.layer(slow_503s(&[2], 4, seen.clone()));
+    let started = tokio::time::Instant::now();
+    let res = svc
+        .oneshot(Request::get("/").body(Full::default()).unwrap())
+        .await;
+    assert_eq!(res.unwrap().status(), 503);
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    assert_eq!(seen.lock().unwrap().len(), 1);
+
+    // Asking for 2 s instead: retried, and the second attempt is cut at 5 s.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let svc = layer.layer(slow_503s(&[2], 2, seen.clone()));
+    let started = tokio::time::Instant::now();
+    let res = svc
+        .oneshot(Request::get("/").body(Full::default()).unwrap())
+        .await;
+    assert_eq!(res.unwrap().status(), 504);
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}
+
+/// A configured deadline header on a plain HTTP request (configuration file: the deadline
+/// travels without an extension): it caps the deadline, is propagated with the time the
+/// deadline gives, and ends the request in time.
+#[tokio::test(start_paused = true)]
+async fn a_deadline_header_caps_and_propagates_on_a_plain_request() {
+    let config: tower_upstream::config::UpstreamConfig = toml::from_str(
+        r#"
+        deadline = { timeout = "30s", header = { name = "request-timeout", unit = "s" } }
+        attempt_timeout.enabled = false
+        "#,
+    )
+    .unwrap();
+    let layer = config.build().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let svc = layer.layer(slow_503s(&[], 0, seen.clone()));
+
+    let started = tokio::time::Instant::now();
+    let req = Request::get("/")
+        .header("request-timeout", "3")
+        .body(Full::default())
+        .unwrap();
+    let res = svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 504);
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+    assert_eq!(*seen.lock().unwrap(), [Some("3".to_owned())]);
+
+    // Without the header the stack's own 30 s apply, and are propagated.
+    seen.lock().unwrap().clear();
+    let started = tokio::time::Instant::now();
+    let res = svc
+        .oneshot(Request::get("/").body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 504);
+    assert_eq!(started.elapsed(), Duration::from_secs(30));
+    assert_eq!(*seen.lock().unwrap(), [Some("30".to_owned())]);
+}

@@ -30,6 +30,8 @@ use std::cell::Cell;
 
 use tokio::time::Instant;
 
+use super::Due;
+
 #[derive(Clone, Copy)]
 enum Slot {
     /// Nobody is asking.
@@ -45,8 +47,9 @@ enum Slot {
 struct Call {
     /// A clock reading taken by the caller just before.
     now: Option<Instant>,
-    /// The request's deadline, when it travels without an extension.
-    deadline: Option<Instant>,
+    /// The request's deadline, when it travels without an extension (maybe not yet worked
+    /// out: see [`Due::After`]).
+    deadline: Due,
     /// Whether the request is gRPC ([`grpc::is_grpc`](crate::grpc::is_grpc)), when the
     /// caller knows that no layer in between changes its `content-type` (inside
     /// `Upstream`). Read once, by [`take_grpc`].
@@ -58,7 +61,7 @@ thread_local! {
     static CALL: Cell<Call> = const {
         Cell::new(Call {
             now: None,
-            deadline: None,
+            deadline: Due::Never,
             grpc: None,
         })
     };
@@ -72,7 +75,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Shares `now` and `deadline` until dropped.
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn share(now: Option<Instant>, deadline: Option<Instant>) -> Shared {
         Shared::share_grpc(now, deadline, None)
     }
@@ -85,6 +88,13 @@ impl Shared {
         deadline: Option<Instant>,
         grpc: Option<bool>,
     ) -> Shared {
+        Shared::share_due(now, Due::from(deadline), grpc)
+    }
+
+    /// [`share_grpc`](Self::share_grpc) with a deadline maybe not yet worked out: a layer
+    /// below that asks for it works it out from the shared `now` or the clock.
+    #[inline]
+    pub(crate) fn share_due(now: Option<Instant>, deadline: Due, grpc: Option<bool>) -> Shared {
         Shared {
             prev: CALL.with(|c| {
                 c.replace(Call {
@@ -111,10 +121,18 @@ pub(crate) fn now() -> Instant {
     CALL.with(Cell::get).now.unwrap_or_else(Instant::now)
 }
 
+/// [`deadline`], not worked out yet if it was not (no clock read).
+#[inline]
+pub(crate) fn due() -> Due {
+    CALL.with(Cell::get).deadline
+}
+
 /// The deadline a layer above shared without an extension, if it is calling us right now.
 #[inline]
 pub(crate) fn deadline() -> Option<Instant> {
-    CALL.with(Cell::get).deadline
+    let mut call = CALL.with(Cell::get);
+    call.deadline
+        .resolve(|| call.now.unwrap_or_else(Instant::now))
 }
 
 /// Whether the request being called is gRPC, if a layer above shared it; taken, so that a
@@ -194,6 +212,20 @@ mod tests {
         }
         assert!(now() > t + Duration::from_secs(5));
         assert_eq!(deadline(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_not_yet_worked_out_is_worked_out_when_asked() {
+        let t = Instant::now();
+        let _shared = Shared::share_due(None, Due::After(Duration::from_secs(3)), None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(deadline(), Some(t + Duration::from_secs(4)));
+        let _shared = Shared::share_due(Some(t), Due::After(Duration::from_secs(3)), None);
+        assert_eq!(
+            deadline(),
+            Some(t + Duration::from_secs(3)),
+            "from the shared now"
+        );
     }
 
     #[test]

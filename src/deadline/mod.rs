@@ -111,6 +111,68 @@ pub(crate) fn saturating_add(now: Instant, timeout: Duration) -> Instant {
         .unwrap_or(now)
 }
 
+/// A request's deadline as [`Upstream`](crate::Upstream) keeps it: none, an instant, or a
+/// time that starts when the deadline first matters.
+///
+/// `After` spares a request that is answered without waiting the clock read: its deadline
+/// is worked out (`now + timeout`) the first time something needs it (the attempt has to
+/// wait, a retry is weighed, a layer below asks). Up to then no time has been spent waiting,
+/// so the deadline is the one the request would have had, give or take the synchronous work
+/// done before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Due {
+    /// No deadline.
+    Never,
+    /// At this instant.
+    At(Instant),
+    /// This long after the deadline first matters.
+    After(Duration),
+}
+
+impl Due {
+    /// The deadline, worked out from `now` if it was not yet.
+    #[inline]
+    pub(crate) fn resolve(&mut self, now: impl FnOnce() -> Instant) -> Option<Instant> {
+        match *self {
+            Due::Never => None,
+            Due::At(at) => Some(at),
+            Due::After(timeout) => {
+                let at = saturating_add(now(), timeout);
+                *self = Due::At(at);
+                Some(at)
+            }
+        }
+    }
+
+    /// The deadline, reading the clock if it was not yet worked out.
+    #[inline]
+    pub(crate) fn get(&mut self) -> Option<Instant> {
+        self.resolve(Instant::now)
+    }
+
+    /// The deadline as an instant, if it is one already (no clock read).
+    #[inline]
+    pub(crate) fn known(&self) -> Option<Instant> {
+        match *self {
+            Due::At(at) => Some(at),
+            _ => None,
+        }
+    }
+
+    /// Whether there is a deadline at all.
+    #[inline]
+    pub(crate) fn is_never(&self) -> bool {
+        matches!(self, Due::Never)
+    }
+}
+
+impl From<Option<Instant>> for Due {
+    #[inline]
+    fn from(at: Option<Instant>) -> Self {
+        at.map_or(Due::Never, Due::At)
+    }
+}
+
 /// The instant by which a logical request must have its response head, stored in the
 /// request's extensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -236,11 +298,19 @@ impl Config {
         now: Instant,
         grpc: Option<bool>,
     ) -> Option<(Instant, bool)> {
-        let mut at = self.timeout.map(|t| (saturating_add(now, t), false));
+        self.timeout_of(req, grpc)
+            .map(|(t, by_caller)| (saturating_add(now, t), by_caller))
+    }
+
+    /// [`deadline_of`](Self::deadline_of) as a time from now: the layer's timeout, capped by
+    /// the request's headers.
+    #[inline]
+    fn timeout_of<B>(&self, req: &Request<B>, grpc: Option<bool>) -> Option<(Duration, bool)> {
+        let mut limit = self.timeout.map(|t| (t.min(FAR_FUTURE), false));
         let mut cap = |t: Duration| {
-            let t = saturating_add(now, t);
-            if at.is_none_or(|(at, _)| t < at) {
-                at = Some((t, true));
+            let t = t.min(FAR_FUTURE);
+            if limit.is_none_or(|(l, _)| t < l) {
+                limit = Some((t, true));
             }
         };
         if self.grpc_timeout && grpc != Some(false) {
@@ -258,7 +328,7 @@ impl Config {
                 }
             }
         }
-        at
+        limit
     }
 
     /// Gives a request its deadline, as the layer's `call` does before calling the inner
@@ -305,6 +375,40 @@ impl Config {
             by_caller,
         }
     }
+}
+
+impl Config {
+    /// [`start_grpc`](Self::start_grpc) inside [`Upstream`](crate::Upstream), where the
+    /// deadline travels privately: when nothing needs the clock now (a request that is not
+    /// gRPC, without a deadline in its extensions, from a layer that adds none), the deadline
+    /// is left as a time from when it first matters ([`Due::After`]) and no clock is read.
+    /// A configured deadline header is still propagated: it carries that time.
+    #[inline]
+    pub(crate) fn start_in_upstream<B>(&self, req: &mut Request<B>, grpc: bool) -> UpstreamStart {
+        if grpc || self.extension || RequestDeadline::of(req).is_some() {
+            return UpstreamStart::Now(self.start_grpc(req, Some(grpc)));
+        }
+        let Some((timeout, by_caller)) = self.timeout_of(req, Some(false)) else {
+            return UpstreamStart::Now(Start::Untimed);
+        };
+        if timeout.is_zero() {
+            return UpstreamStart::Now(Start::Spent);
+        }
+        if self.propagate {
+            if let Some((name, unit)) = &self.header {
+                req.headers_mut().insert(name.clone(), unit.encode(timeout));
+            }
+        }
+        UpstreamStart::After { timeout, by_caller }
+    }
+}
+
+/// What [`Config::start_in_upstream`] made of a request.
+pub(crate) enum UpstreamStart {
+    /// As [`Config::start_grpc`] says.
+    Now(Start),
+    /// A deadline `timeout` after it first matters; `by_caller` as in [`Start::Timed`].
+    After { timeout: Duration, by_caller: bool },
 }
 
 /// What [`Config::start`] made of a request.

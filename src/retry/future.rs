@@ -19,7 +19,7 @@ use super::budget::stripe_index;
 use super::policy::{Outcome, RequestHead};
 use super::replay::{lock, ReplayBody, State};
 use super::{Attempts, Config, Policy};
-use crate::deadline::{cover, RequestDeadline};
+use crate::deadline::{cover, Due, RequestDeadline};
 use crate::fault::Fault;
 use crate::grpc;
 use crate::head::HeadCopy;
@@ -67,6 +67,9 @@ pub(crate) struct Ctx<S, P, B> {
     pub(crate) config: Arc<Stripe<Config<P>>>,
     pub(crate) service: S,
     pub(crate) tries: Tries<B>,
+    /// The deadline a `Deadline` above shared without an extension (inside `Upstream`); one
+    /// in the head's extensions travels with the head.
+    pub(crate) deadline: Due,
 }
 
 /// A request body's recording, shared by the attempts that replay it.
@@ -81,9 +84,6 @@ pub(crate) type Begun<B> = (usize, Tries<B>);
 /// service to call and the configuration themselves.
 pub(crate) struct Tries<B> {
     head: HeadCopy,
-    /// The deadline a `Deadline` above shared without an extension (inside `Upstream`); one
-    /// in the head's extensions travels with the head.
-    deadline: Option<Instant>,
     /// The recorded body; `None` when the body was empty.
     replay: Option<Recording<B>>,
     attempts: u32,
@@ -129,7 +129,7 @@ where
                 match stage.as_mut().project() {
                     StageProj::Calling { fut } => {
                         let res = ready!(fut.poll(cx)).map_err(Into::into);
-                        match ctx.tries.decide(&ctx.config, &res) {
+                        match ctx.tries.decide(&ctx.config, &res, &mut ctx.deadline) {
                             None => return Poll::Ready(finish(res, ctx.tries.attempts)),
                             Some(delay) => {
                                 drop(res);
@@ -154,10 +154,8 @@ where
                         let req = ctx.tries.next_request();
                         let fut = {
                             // The layers below read the private deadline while called.
-                            let _shared = ctx
-                                .tries
-                                .deadline
-                                .map(|d| cover::Shared::share(None, Some(d)));
+                            let _shared = (!ctx.deadline.is_never())
+                                .then(|| cover::Shared::share_due(None, ctx.deadline, None));
                             ctx.service.call(req)
                         };
                         stage.set(Stage::Calling { fut });
@@ -199,7 +197,6 @@ impl<B> Tries<B> {
         cfg: &Config<P>,
         req: Request<B>,
         now: impl FnOnce() -> Instant,
-        deadline: Option<Instant>,
     ) -> (Request<ReplayBody<B>>, Option<Begun<B>>)
     where
         B: Body,
@@ -210,7 +207,7 @@ impl<B> Tries<B> {
         let stripe = Self::deposit(cfg, now);
         let (parts, body) = req.into_parts();
         let (first, replay) = Self::record(cfg, body);
-        let tries = Tries::new(HeadCopy::of(&parts), deadline, replay);
+        let tries = Tries::new(HeadCopy::of(&parts), replay);
         (Request::from_parts(parts, first), Some((stripe, tries)))
     }
 
@@ -244,17 +241,11 @@ impl<B> Tries<B> {
         }
     }
 
-    /// What later attempts of a request need: a copy of its `head`, the deadline shared
-    /// without an extension, the body's recording.
+    /// What later attempts of a request need: a copy of its `head`, the body's recording.
     #[inline]
-    pub(crate) fn new(
-        head: HeadCopy,
-        deadline: Option<Instant>,
-        replay: Option<Recording<B>>,
-    ) -> Self {
+    pub(crate) fn new(head: HeadCopy, replay: Option<Recording<B>>) -> Self {
         Tries {
             head,
-            deadline,
             replay,
             attempts: 1,
             prev_delay_ns: 0,
@@ -269,11 +260,14 @@ impl<B> Tries<B> {
 
     /// After an attempt: `Some(delay)` to retry after `delay`, `None` to return the outcome.
     /// The happy path: a response the policy does not retry costs one policy call.
+    /// `deadline` is the one shared without an extension (worked out here if a retry is
+    /// weighed against it); one in the head's extensions travels with the head.
     #[inline]
     pub(crate) fn decide<P: Policy, ResB>(
         &mut self,
         cfg: &Config<P>,
         res: &Result<Response<ResB>, BoxError>,
+        deadline: &mut Due,
     ) -> Option<Duration> {
         if self.attempts >= cfg.max_attempts {
             return None;
@@ -289,9 +283,9 @@ impl<B> Tries<B> {
             {
                 return None;
             }
-            return self.decide_slow(cfg, res, true);
+            return self.decide_slow(cfg, res, true, deadline);
         }
-        self.decide_slow(cfg, res, false)
+        self.decide_slow(cfg, res, false, deadline)
     }
 
     #[inline(never)]
@@ -300,6 +294,7 @@ impl<B> Tries<B> {
         cfg: &Config<P>,
         res: &Result<Response<ResB>, BoxError>,
         policy_said_yes: bool,
+        deadline: &mut Due,
     ) -> Option<Duration> {
         let head = RequestHead::of_copy(&self.head);
         let classification;
@@ -363,7 +358,7 @@ impl<B> Tries<B> {
             .extensions()
             .get::<RequestDeadline>()
             .map(|d| d.instant());
-        let deadline = match (ext, self.deadline) {
+        let deadline = match (ext, deadline.get()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };

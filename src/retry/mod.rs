@@ -245,7 +245,8 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         // When the budget needs the time, a `Deadline` calling us synchronously shares its
         // clock reading (no second read), and maybe its deadline.
-        let (req, tries) = Tries::begin(self.shared.get(), req, cover::now, cover::deadline());
+        let (req, tries) = Tries::begin(self.shared.get(), req, cover::now);
+        let deadline = cover::due();
         // Call the service that was polled ready; keep a clone for later attempts (it is
         // polled ready again before each of them).
         let fut = self.inner.call(req);
@@ -257,6 +258,7 @@ where
                     config: self.shared.stripe(stripe),
                     service: self.inner.clone(),
                     tries,
+                    deadline,
                 },
             ),
         }

@@ -183,6 +183,39 @@ pub(crate) enum Timing {
 }
 
 impl Timing {
+    /// Folds in a deadline at `at` that was not known when the attempt started (it is worked
+    /// out at `now`, when the attempt first waits): the attempt ends by then at the latest.
+    #[inline]
+    pub(crate) fn fold_deadline(&mut self, now: Instant, at: Instant) {
+        *self = match *self {
+            Timing::Untimed => Timing::At {
+                at,
+                by_deadline: true,
+            },
+            Timing::Lazy {
+                start,
+                timeout,
+                deadline,
+            } => Timing::Lazy {
+                start: Some(start.unwrap_or(now)),
+                timeout,
+                deadline: Some(deadline.map_or(at, |d| d.min(at))),
+            },
+            Timing::At {
+                at: own,
+                by_deadline,
+            } if own <= at => Timing::At {
+                at: own,
+                by_deadline,
+            },
+            Timing::At { .. } => Timing::At {
+                at,
+                by_deadline: true,
+            },
+            Timing::Spent => Timing::Spent,
+        };
+    }
+
     /// When the attempt must end, and whether that is the deadline; `None` when never. A
     /// lazy timing reads the clock now and keeps the result.
     #[inline]

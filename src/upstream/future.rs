@@ -26,7 +26,7 @@ use tower_service::Service;
 
 use super::{limit, Stack};
 use crate::breaker::Permit;
-use crate::deadline::{cover, saturating_add, DeadlineExceeded};
+use crate::deadline::{cover, saturating_add, DeadlineExceeded, Due};
 use crate::head::HeadCopy;
 use crate::map_faults::{self, FaultBody};
 use crate::retry::{mark, Attempts, Policy, ReplayBody, Tries};
@@ -71,7 +71,9 @@ pin_project! {
 struct Run<S, P, B> {
     /// The fault answers' settings, with the request's gRPC flag folded in.
     map_faults: map_faults::Config,
-    deadline: Option<Instant>,
+    /// Worked out when it first matters (the attempt waits, a retry is weighed), when the
+    /// stack's own deadline need not be read from the clock at the start.
+    deadline: Due,
     /// When the attempt in flight must end.
     timing: Timing,
     /// The breaker's hold on the attempt in flight.
@@ -130,7 +132,7 @@ where
             span,
             run: Run {
                 map_faults,
-                deadline: None,
+                deadline: Due::Never,
                 timing: Timing::Untimed,
                 permit: None,
                 stack: None,
@@ -143,13 +145,14 @@ where
 
     /// Starts a request that the parts above the retry let through: records it for later
     /// attempts when the retry may need it, then makes the first attempt. `now` is the
-    /// deadline's clock reading, if it read one.
+    /// deadline's clock reading, if it read one; a deadline not yet worked out
+    /// ([`Due::After`]) is only for a request that is not gRPC.
     #[inline]
     pub(super) fn start(
         service: &mut S,
         stack: &Striped<Stack<P>>,
         req: Request<B>,
-        (now, deadline, caller_deadline): (Option<Instant>, Option<Instant>, bool),
+        (now, deadline, caller_deadline): (Option<Instant>, Due, bool),
         limit: Option<limit::Permit<P>>,
         map_faults: map_faults::Config,
         span: Option<Box<tracing::Span>>,
@@ -227,7 +230,7 @@ where
                 caller_deadline,
                 later: Some(Later {
                     service: service.clone(),
-                    tries: Tries::new(copy, deadline, replay),
+                    tries: Tries::new(copy, replay),
                 }),
             },
         }
@@ -245,7 +248,7 @@ fn attempt<S, P, B>(
     mut req: Request<ReplayBody<B>>,
     stack: &Stack<P>,
     grpc: bool,
-    deadline: Option<Instant>,
+    deadline: Due,
     now: Option<Instant>,
     permit: &mut Option<Permit>,
     timing: &mut Timing,
@@ -264,11 +267,16 @@ where
             }
         },
     };
+    // A deadline not yet worked out is not one yet for the timing: the future folds it in
+    // when the attempt first waits (`Timing::fold_deadline`). Only a request that is not gRPC
+    // has one, and nothing is propagated for it.
+    debug_assert!(!(grpc && matches!(deadline, Due::After(_))));
+    let known = deadline.known();
     *timing = match &stack.attempt {
-        Some(config) => config.start(&mut req, Some(grpc), deadline, || {
+        Some(config) => config.start(&mut req, Some(grpc), known, || {
             now.unwrap_or_else(Instant::now)
         }),
-        None => deadline.map_or(Timing::Untimed, |at| Timing::At {
+        None => known.map_or(Timing::Untimed, |at| Timing::At {
             at,
             by_deadline: true,
         }),
@@ -281,7 +289,7 @@ where
     let fut = {
         // A layer of the crate's inside the service reads the clock reading and the private
         // deadline while called, as it would below a `Deadline`.
-        let _shared = deadline.map(|d| cover::Shared::share(now, Some(d)));
+        let _shared = (!deadline.is_never()).then(|| cover::Shared::share_due(now, deadline, None));
         service.call(req)
     };
     Phase::Attempt { fut }
@@ -322,7 +330,10 @@ impl<S, P, B> Run<S, P, B> {
         let (Some(later), Some(stack)) = (&mut self.later, &self.stack) else {
             return ControlFlow::Break(res);
         };
-        let Some(delay) = later.tries.decide(stack.retry.get(), &res) else {
+        let Some(delay) = later
+            .tries
+            .decide(stack.retry.get(), &res, &mut self.deadline)
+        else {
             mark(&mut res, later.tries.attempts());
             return ControlFlow::Break(res);
         };
@@ -357,6 +368,13 @@ where
                     let res = match fut.poll(cx) {
                         Poll::Ready(res) => res.map_err(Into::into),
                         Poll::Pending => {
+                            if let Due::After(_) = run.deadline {
+                                // The first wait: the deadline starts to matter.
+                                let now = Instant::now();
+                                if let Some(at) = run.deadline.resolve(|| now) {
+                                    run.timing.fold_deadline(now, at);
+                                }
+                            }
                             let Some((at, by_deadline)) = run.timing.resolve() else {
                                 return Poll::Pending;
                             };
@@ -411,7 +429,7 @@ where
                         }
                         Poll::Ready(Err(e)) => ControlFlow::Break(Err(e.into())),
                         Poll::Pending => {
-                            let Some(at) = run.deadline else {
+                            let Some(at) = run.deadline.get() else {
                                 return Poll::Pending;
                             };
                             if poll_timer(this.sleep.as_mut(), at, cx).is_pending() {

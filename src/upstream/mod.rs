@@ -175,7 +175,7 @@ use tower_service::Service;
 pub use self::future::ResponseFuture;
 
 use crate::breaker::{self, BreakerHandle, CircuitBreakerLayer};
-use crate::deadline::{self, DeadlineExceeded, DeadlineLayer, Start};
+use crate::deadline::{self, DeadlineExceeded, DeadlineLayer, Due, Start, UpstreamStart};
 use crate::error::ConfigError;
 use crate::fault::Classifier;
 use crate::grpc;
@@ -348,18 +348,20 @@ impl<S, P> Upstream<S, P> {
             return ResponseFuture::answer(error, map_faults, span);
         }
         let start = match &self.deadline {
-            Some(config) => config.start_grpc(&mut req, Some(grpc)),
-            None => Start::Untimed,
+            Some(config) => config.start_in_upstream(&mut req, grpc),
+            None => UpstreamStart::Now(Start::Untimed),
         };
         let clock = match start {
-            Start::Untimed => (None, None, false),
-            Start::Spent => {
+            UpstreamStart::Now(Start::Untimed) => (None, Due::Never, false),
+            UpstreamStart::Now(Start::Spent) => {
                 let error = DeadlineExceeded::before_start().into();
                 return ResponseFuture::answer(error, map_faults, span);
             }
-            Start::Timed {
+            UpstreamStart::Now(Start::Timed {
                 at, now, by_caller, ..
-            } => (Some(now), Some(at), by_caller),
+            }) => (Some(now), Due::At(at), by_caller),
+            // No clock read: the deadline is worked out when it first matters.
+            UpstreamStart::After { timeout, by_caller } => (None, Due::After(timeout), by_caller),
         };
         if self.limit.shed {
             return ResponseFuture::answer(Overloaded::new().into(), map_faults, span);
