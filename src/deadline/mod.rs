@@ -304,7 +304,7 @@ impl Config {
 
     /// [`deadline_of`](Self::deadline_of) as a time from now: the layer's timeout, capped by
     /// the request's headers.
-    #[inline]
+    #[inline(always)]
     fn timeout_of<B>(&self, req: &Request<B>, grpc: Option<bool>) -> Option<(Duration, bool)> {
         let mut limit = self.timeout.map(|t| (t.min(FAR_FUTURE), false));
         let mut cap = |t: Duration| {
@@ -383,7 +383,7 @@ impl Config {
     /// gRPC, without a deadline in its extensions, from a layer that adds none), the deadline
     /// is left as a time from when it first matters ([`Due::After`]) and no clock is read.
     /// A configured deadline header is still propagated: it carries that time.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn start_in_upstream<B>(&self, req: &mut Request<B>, grpc: bool) -> UpstreamStart {
         if grpc || self.extension || RequestDeadline::of(req).is_some() {
             return UpstreamStart::Now(self.start_grpc(req, Some(grpc)));

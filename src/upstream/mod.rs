@@ -117,6 +117,13 @@
 //! An incoming `grpc-timeout` caps the deadline of gRPC requests (`content-type:
 //! application/grpc…`); the stack does not look for one on other requests.
 //!
+//! On a request that is not gRPC, the deadline starts counting when it first matters: when
+//! the first attempt has to wait for its answer, when a retry is weighed, or when a layer
+//! of the crate's inside the service asks for it. A request the service answers without
+//! waiting (a cache, a local handler) therefore reads no clock for its deadline. The
+//! difference is the synchronous work done before the first wait, microseconds at most.
+//! gRPC requests read the clock at once: their `grpc-timeout` must carry the time left.
+//!
 //! # When a retry cannot go ahead
 //!
 //! An answer the retry decided to retry is dropped then (keeping it through the backoff
