@@ -5,6 +5,8 @@
 #   benches/gateway-load.sh                    # 5 rounds of 10 s per gateway, 32 connections
 #   ROUNDS=5 DURATION=20 CONNECTIONS=64 benches/gateway-load.sh
 #   STACK='retry.enabled = false' benches/gateway-load.sh   # another [routes.stack] (TOML)
+#   PIN=1 benches/gateway-load.sh        # the gateway alone on one core (see PIN below)
+#   CONTROL=1 benches/gateway-load.sh    # A/A: two bare gateways, the noise floor
 #
 # Targets: the full stack's throughput >= 95 % of the bare gateway's, its p99 latency
 # <= 1.1x the bare gateway's. Exits 0 when both are met, 1 when one is missed, 2 when the
@@ -32,6 +34,24 @@ PATH_QUERY=/api/hello?from=load
 # The whole stack: the defaults (30 s deadline, 3 attempts within a retry budget, a circuit
 # breaker, 10 s per attempt) and a concurrency limit well above the load's.
 STACK=${STACK:-concurrency_limit = 4096}
+
+# PIN=1: the gateway under test alone on the second core (one runtime worker), the load
+# generator and the upstream on the first. The gateway is then CPU-bound on its own core, so
+# the throughput ratio is the inverse of the gateway's CPU per request: the strictest
+# reading of the stack's cost, and a steadier one than with every process floating over
+# both cores (PIN=0, the default: the machine shared as the issue's setting has it).
+PIN=${PIN:-0}
+GATEWAY_RUN=()
+SIDE_RUN=()
+if [ "$PIN" = 1 ]; then
+    if [ "$(nproc)" -lt 2 ] || ! command -v taskset >/dev/null; then
+        echo "PIN=1 needs two cores and taskset (util-linux); run with PIN=0" >&2
+        exit 2
+    fi
+    GATEWAY_RUN=(env TOKIO_WORKER_THREADS=1 taskset -c 1)
+    SIDE_RUN=(env TOKIO_WORKER_THREADS=1 taskset -c 0)
+    THREADS=1
+fi
 
 if command -v wrk >/dev/null; then
     TOOL=wrk
@@ -79,7 +99,7 @@ start() {
 }
 
 export RUST_LOG=warn
-start upstream "$BIN/hello_upstream" --listen 127.0.0.1:0
+start upstream "${SIDE_RUN[@]}" "$BIN/hello_upstream" --listen 127.0.0.1:0
 UPSTREAM=$ADDR
 cat >"$WORK/gateway.toml" <<EOF
 name = "load-gw"
@@ -89,21 +109,25 @@ upstream = "http://$UPSTREAM"
 [routes.stack]
 $STACK
 EOF
-start full "$BIN/gateway" --config "$WORK/gateway.toml" --listen 127.0.0.1:0
+# CONTROL=1: an A/A run, the "full" gateway is a second bare one: what the ratios read when
+# nothing differs, the noise floor of this machine.
+FULL_FLAGS=()
+[ "${CONTROL:-0}" = 1 ] && FULL_FLAGS=(--bare)
+start full "${GATEWAY_RUN[@]}" "$BIN/gateway" --config "$WORK/gateway.toml" --listen 127.0.0.1:0 "${FULL_FLAGS[@]}"
 FULL=$ADDR
 FULL_PID=${PIDS[-1]}
-start bare "$BIN/gateway" --config "$WORK/gateway.toml" --listen 127.0.0.1:0 --bare
+start bare "${GATEWAY_RUN[@]}" "$BIN/gateway" --config "$WORK/gateway.toml" --listen 127.0.0.1:0 --bare
 BARE=$ADDR
 BARE_PID=${PIDS[-1]}
 echo "upstream $UPSTREAM, full-stack gateway $FULL, bare gateway $BARE; stack: $STACK"
-echo "$TOOL: $CONNECTIONS connections, ${DURATION} s per run, $ROUNDS rounds; $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "$TOOL: $CONNECTIONS connections, ${DURATION} s per run, $ROUNDS rounds; $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); PIN=$PIN"
 
 # load ADDR SECONDS: prints "REQUESTS_PER_SECOND P99_MICROSECONDS ERRORS".
 load() {
     local url="http://$1$PATH_QUERY" secs=$2 out="$WORK/load.out"
     case $TOOL in
     wrk)
-        wrk -t"$THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency "$url" >"$out"
+        "${SIDE_RUN[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${secs}s" --latency "$url" >"$out"
         awk '
             function us(v) {
                 if (v ~ /us$/) return v + 0
@@ -122,7 +146,7 @@ load() {
         local format=--json
         oha --help | grep -q -- --output-format && format="--output-format json"
         # shellcheck disable=SC2086
-        oha -z "${secs}s" -c "$CONNECTIONS" --no-tui $format "$url" >"$out"
+        "${SIDE_RUN[@]}" oha -z "${secs}s" -c "$CONNECTIONS" --no-tui $format "$url" >"$out"
         python3 - "$out" <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
