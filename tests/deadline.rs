@@ -463,3 +463,70 @@ async fn malformed_grpc_timeout_is_ignored_over_the_wire() {
         assert_eq!(upstream["grpc-timeout"], "190000u", "{bad:?}");
     }
 }
+
+/// The deadline says whether the caller set it: marked when a header made it earlier than
+/// the layer's own timeout, and the `DeadlineExceeded` of the layer's own timer (nothing
+/// below to end the attempt) says so too.
+#[tokio::test(start_paused = true)]
+async fn a_deadline_the_caller_set_is_marked_as_such() {
+    let layer = DeadlineLayer::builder()
+        .timeout(Duration::from_secs(30))
+        .header("request-timeout", HeaderUnit::Seconds)
+        .build()
+        .unwrap();
+    let svc =
+        ServiceBuilder::new()
+            .layer(layer)
+            .service(service_fn(|req: Request<()>| async move {
+                let from_caller = RequestDeadline::of(&req).unwrap().is_from_caller();
+                pending::<()>().await;
+                Ok::<_, BoxError>(from_caller)
+            }));
+    for (value, from_caller) in [(Some("2"), true), (Some("60"), false), (None, false)] {
+        let mut req = Request::new(());
+        if let Some(v) = value {
+            req.headers_mut()
+                .insert("request-timeout", HeaderValue::from_static(v));
+        }
+        let err = svc.clone().oneshot(req).await.unwrap_err();
+        let exceeded = err.downcast_ref::<DeadlineExceeded>().unwrap();
+        assert_eq!(exceeded.is_from_caller(), from_caller, "{value:?}");
+        assert!(!exceeded.is_before_start());
+        // Either way a 504.
+        assert_eq!(classify(&*err).fault(), Fault::HttpResponseTimeout);
+    }
+
+    // An earlier deadline already on the request keeps its own mark.
+    let mut req = Request::new(());
+    req.extensions_mut()
+        .insert(RequestDeadline::after(Duration::from_secs(1)).from_caller(true));
+    let err = svc.clone().oneshot(req).await.unwrap_err();
+    assert!(err
+        .downcast_ref::<DeadlineExceeded>()
+        .unwrap()
+        .is_from_caller());
+
+    // An attempt timeout below ends the attempt at the caller's deadline and says so.
+    let layer = DeadlineLayer::builder()
+        .header("request-timeout", HeaderUnit::Seconds)
+        .build()
+        .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(AttemptTimeoutLayer::new(Duration::from_secs(10)))
+        .service(service_fn(|_req: Request<()>| async {
+            pending::<()>().await;
+            Ok::<_, BoxError>(())
+        }));
+    let req = Request::builder()
+        .header("request-timeout", "1")
+        .body(())
+        .unwrap();
+    let started = Instant::now();
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+    assert!(err
+        .downcast_ref::<DeadlineExceeded>()
+        .unwrap()
+        .is_from_caller());
+}

@@ -926,3 +926,70 @@ async fn a_grpc_status_counts_only_in_the_answer_to_a_grpc_call() -> Result<(), 
     );
     Ok(())
 }
+
+// The same stack composed by hand, in the design's order (MapFaults, Deadline, Retry,
+// CircuitBreaker, AttemptTimeout): the attempt timeout below the breaker ends the attempt
+// at the caller's deadline and says so, and the breaker does not count it. The deadline
+// layer's own timeout still counts.
+#[tokio::test(start_paused = true)]
+async fn composed_by_hand_a_deadline_the_caller_set_is_not_counted_either() -> Result<(), BoxError>
+{
+    let log = Log::default();
+    let stack = |deadline: Duration| -> Result<_, BoxError> {
+        let breaker = CircuitBreakerLayer::builder()
+            .consecutive_failures(2)
+            .build()?;
+        let handle = breaker.handle();
+        let svc = tower::ServiceBuilder::new()
+            .layer(detailed())
+            .layer(
+                DeadlineLayer::builder()
+                    .timeout(deadline)
+                    .header(
+                        "request-timeout",
+                        tower_upstream::deadline::HeaderUnit::Seconds,
+                    )
+                    .build()?,
+            )
+            .layer(RetryLayer::new())
+            .layer(breaker)
+            .layer(tower_upstream::AttemptTimeoutLayer::new(
+                Duration::from_secs(5),
+            ))
+            .service(scripted(&log, |_| Act::Hang));
+        Ok((svc, handle))
+    };
+
+    // gRPC, `grpc-timeout: 100m`; HTTP, `request-timeout: 1`: the caller's, not counted.
+    let (svc, handle) = stack(Duration::from_secs(30))?;
+    for _ in 0..3 {
+        let mut call = grpc_call();
+        call.headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("100m"));
+        let started = Instant::now();
+        let res = svc.clone().oneshot(call).await?;
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
+        assert_eq!(
+            res.headers().get("grpc-status").and_then(Code::from_header),
+            Some(Code::DeadlineExceeded)
+        );
+
+        let mut req = get("/");
+        req.headers_mut()
+            .insert("request-timeout", http::HeaderValue::from_static("1"));
+        let res = svc.clone().oneshot(req).await?;
+        assert_answer(&res, StatusCode::GATEWAY_TIMEOUT, DEADLINE_FAULT);
+    }
+    assert_eq!(log.count(), 6, "every call reached the upstream");
+    assert_eq!(breaker_counts(&handle), (State::Closed, 0, 0));
+
+    // The layer's own deadline (1 s, shorter than the attempts' 5 s): counted, and two in
+    // a row open the circuit.
+    let (svc, handle) = stack(Duration::from_secs(1))?;
+    for _ in 0..2 {
+        let res = svc.clone().oneshot(get("/")).await?;
+        assert_answer(&res, StatusCode::GATEWAY_TIMEOUT, DEADLINE_FAULT);
+    }
+    assert_eq!(breaker_counts(&handle).0, State::Open);
+    Ok(())
+}

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use super::error::CircuitOpen;
 use super::keyed::Pin;
 use super::state::{Admit, Outcome};
+use crate::deadline::DeadlineExceeded;
 use crate::BoxError;
 
 /// A call's hold on its breaker. Dropped without an outcome (the caller went away), it
@@ -56,8 +57,9 @@ impl Permit {
 
 impl Permit {
     /// Counts an attempt's result: a response as the breaker's configuration classifies
-    /// it; an error as a failure, unless it is a local rejection (circuit open, shed), which
-    /// says nothing about the upstream. `grpc`: whether the request may have a gRPC
+    /// it; an error as a failure, unless it is a local rejection (circuit open, shed) or a
+    /// deadline the caller set ([`DeadlineExceeded::is_from_caller`]), which say nothing
+    /// about the upstream. `grpc`: whether the request may have a gRPC
     /// answer, whose `grpc-status` is read (`false` spares the lookup in every response to
     /// a request known not to be gRPC).
     #[inline]
@@ -67,7 +69,7 @@ impl Permit {
             Ok(resp) => config.response_outcome(resp, grpc),
             Err(e) => {
                 let c = config.classifier.classify(&**e);
-                if c.fault().is_local_rejection() {
+                if c.fault().is_local_rejection() || cut_by_caller(&**e) {
                     Outcome::Ignored
                 } else {
                     Outcome::Failure {
@@ -78,6 +80,15 @@ impl Permit {
         };
         self.complete(outcome);
     }
+}
+
+/// Whether `error` is a deadline the caller set, which passed: an attempt it cut short is not
+/// a sample of the upstream's health.
+#[cold]
+fn cut_by_caller(error: &(dyn std::error::Error + 'static)) -> bool {
+    error
+        .downcast_ref::<DeadlineExceeded>()
+        .is_some_and(DeadlineExceeded::is_from_caller)
 }
 
 impl Drop for Permit {

@@ -54,16 +54,21 @@
 //! else, 4xx included, is a success. A call whose future is dropped is not a sample, and a
 //! half-open probe slot it held is given back.
 //!
-//! Inside [`Upstream`](crate::Upstream), an attempt cut short by a deadline **the caller
-//! set** (an incoming `grpc-timeout`, or the deadline's configured header, earlier than the
-//! stack's own timeout) is not a sample either: otherwise any caller sending tiny deadlines
-//! could open the circuit of a healthy upstream for everybody. The stack's own deadline does
-//! count, so that an upstream that hangs opens the circuit even with a long attempt timeout.
-//! There, too, a `grpc-status` is read only in the answer to a gRPC call (a request whose
-//! `content-type` is `application/grpc…`): on the answer to a plain HTTP request it is just
-//! a header.
-//! (A breaker composed by hand under a `Deadline` cannot tell whose deadline it was, and
-//! counts both.)
+//! An attempt cut short by a deadline **the caller set** (an incoming `grpc-timeout`, or
+//! the deadline's configured header, earlier than the gateway's own timeout) is not a sample
+//! either: otherwise any caller sending tiny deadlines could open the circuit of a healthy
+//! upstream for everybody. The error says so ([`DeadlineExceeded::is_from_caller`]): inside
+//! [`Upstream`](crate::Upstream), and in a stack composed by hand where a
+//! [`DeadlineLayer`](crate::DeadlineLayer) sits above the breaker and an
+//! [`AttemptTimeout`](crate::AttemptTimeout) below it (the design's order), which ends the
+//! attempt at that deadline. The gateway's own deadline does count, so that an upstream that
+//! hangs opens the circuit even with a long attempt timeout.
+//!
+//! Inside [`Upstream`](crate::Upstream), a `grpc-status` is read only in the answer to a gRPC
+//! call (a request whose `content-type` is `application/grpc…`): on the answer to a plain
+//! HTTP request it is just a header.
+//!
+//! [`DeadlineExceeded::is_from_caller`]: crate::deadline::DeadlineExceeded::is_from_caller
 //!
 //! # Errors
 //!

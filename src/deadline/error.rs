@@ -10,19 +10,37 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeadlineExceeded {
     before_start: bool,
+    from_caller: bool,
 }
 
 impl DeadlineExceeded {
     /// The deadline was spent before any attempt started: nothing was sent.
     pub const fn before_start() -> Self {
-        DeadlineExceeded { before_start: true }
+        DeadlineExceeded {
+            before_start: true,
+            from_caller: false,
+        }
     }
 
     /// The deadline passed while an attempt was in flight.
     pub const fn in_flight() -> Self {
         DeadlineExceeded {
             before_start: false,
+            from_caller: false,
         }
+    }
+
+    /// The same, about a deadline the caller set (or not): see
+    /// [`RequestDeadline::is_from_caller`](super::RequestDeadline::is_from_caller). A
+    /// circuit breaker does not count an attempt that such a deadline cut short.
+    pub const fn from_caller(mut self, from_caller: bool) -> Self {
+        self.from_caller = from_caller;
+        self
+    }
+
+    /// Whether the deadline that passed was one the caller set.
+    pub const fn is_from_caller(&self) -> bool {
+        self.from_caller
     }
 
     /// Whether the deadline was spent before an attempt could start.

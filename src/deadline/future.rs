@@ -44,11 +44,11 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(super) fn timed(inner: F, at: Instant) -> Self {
+    pub(super) fn timed(inner: F, at: Instant, from_caller: bool) -> Self {
         ResponseFuture {
             kind: Kind::Timed {
                 inner,
-                timer: Timer::new(at),
+                timer: Timer::new(at, from_caller),
             },
         }
     }
@@ -100,12 +100,18 @@ where
 /// small in the common stack (deadline over attempt timeout), where it is never needed.
 pub(crate) struct Timer {
     at: Instant,
+    /// Whether the caller set the deadline (see [`DeadlineExceeded::from_caller`]).
+    from_caller: bool,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl Timer {
-    pub(crate) fn new(at: Instant) -> Self {
-        Timer { at, sleep: None }
+    pub(crate) fn new(at: Instant, from_caller: bool) -> Self {
+        Timer {
+            at,
+            from_caller,
+            sleep: None,
+        }
     }
 
     /// Polls `inner` under the deadline.
@@ -131,7 +137,8 @@ impl Timer {
         }
         if let Some(sleep) = &mut self.sleep {
             if sleep.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(DeadlineExceeded::in_flight().into()));
+                let exceeded = DeadlineExceeded::in_flight().from_caller(self.from_caller);
+                return Poll::Ready(Err(exceeded.into()));
             }
         }
         // This task will be woken by `at`: tell a deadline above, if one asks.

@@ -175,22 +175,41 @@ impl From<Option<Instant>> for Due {
 
 /// The instant by which a logical request must have its response head, stored in the
 /// request's extensions.
+///
+/// It also says whether the caller set it ([`is_from_caller`](Self::is_from_caller)): a
+/// [`DeadlineLayer`] marks the deadline it gives when an incoming `grpc-timeout` or its
+/// configured header made it earlier than the layer's own timeout. An attempt cut short by
+/// such a deadline says nothing about the upstream, so a circuit breaker does not count it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestDeadline {
     at: Instant,
+    from_caller: bool,
 }
 
 impl RequestDeadline {
-    /// A deadline at `at`.
+    /// A deadline at `at` (not from the caller).
     pub const fn at(at: Instant) -> Self {
-        RequestDeadline { at }
+        RequestDeadline {
+            at,
+            from_caller: false,
+        }
     }
 
-    /// A deadline `timeout` from now (at most 100 years from now).
+    /// A deadline `timeout` from now (at most 100 years from now; not from the caller).
     pub fn after(timeout: Duration) -> Self {
-        RequestDeadline {
-            at: saturating_add(Instant::now(), timeout),
-        }
+        RequestDeadline::at(saturating_add(Instant::now(), timeout))
+    }
+
+    /// The same deadline, marked as set by the caller (or not).
+    pub const fn from_caller(mut self, from_caller: bool) -> Self {
+        self.from_caller = from_caller;
+        self
+    }
+
+    /// Whether the caller set the deadline (a header of its request), rather than the
+    /// gateway's own configuration.
+    pub const fn is_from_caller(&self) -> bool {
+        self.from_caller
     }
 
     /// The instant the deadline falls on.
@@ -345,18 +364,19 @@ impl Config {
     pub(crate) fn start_grpc<B>(&self, req: &mut Request<B>, grpc: Option<bool>) -> Start {
         let now = cover::now();
         let own = self.deadline_of(req, now, grpc);
-        let earlier = RequestDeadline::of(req).map(|d| d.instant());
+        let earlier = RequestDeadline::of(req);
         let (at, ours, by_caller) = match (own, earlier) {
             (None, None) => return Start::Untimed,
             (Some((at, by_caller)), None) => (at, true, by_caller),
-            (Some((at, by_caller)), Some(earlier)) if at < earlier => (at, true, by_caller),
-            (_, Some(earlier)) => (earlier, false, false),
+            (Some((at, by_caller)), Some(e)) if at < e.instant() => (at, true, by_caller),
+            (_, Some(e)) => (e.instant(), false, e.is_from_caller()),
         };
         if at <= now {
             return Start::Spent;
         }
         if ours && self.extension {
-            req.extensions_mut().insert(RequestDeadline::at(at));
+            req.extensions_mut()
+                .insert(RequestDeadline::at(at).from_caller(by_caller));
         }
         if self.propagate {
             if grpc.unwrap_or_else(|| grpc::is_grpc(req.headers())) {
@@ -513,9 +533,9 @@ where
         match start {
             Start::Untimed => future::ResponseFuture::untimed(self.inner.call(req)),
             Start::Spent => future::ResponseFuture::spent(),
-            Start::Timed { at, .. } => {
+            Start::Timed { at, by_caller, .. } => {
                 let _shared = start.share();
-                future::ResponseFuture::timed(self.inner.call(req), at)
+                future::ResponseFuture::timed(self.inner.call(req), at, by_caller)
             }
         }
     }

@@ -31,6 +31,8 @@ pin_project! {
             #[pin]
             inner: F,
             timing: Timing,
+            // Whether the request's deadline is one the caller set.
+            from_caller: bool,
             #[pin]
             sleep: Option<Sleep>,
         },
@@ -39,11 +41,12 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(super) fn new(inner: F, timing: Timing) -> Self {
+    pub(super) fn new(inner: F, timing: Timing, from_caller: bool) -> Self {
         ResponseFuture {
             kind: Kind::Timed {
                 inner,
                 timing,
+                from_caller,
                 sleep: None,
             },
         }
@@ -79,6 +82,7 @@ where
             KindProj::Timed {
                 inner,
                 timing,
+                from_caller,
                 mut sleep,
             } => {
                 if let Poll::Ready(res) = inner.poll(cx) {
@@ -93,7 +97,9 @@ where
                 if let Some(sleep) = sleep.as_pin_mut() {
                     if sleep.poll(cx).is_ready() {
                         return Poll::Ready(Err(if by_deadline {
-                            DeadlineExceeded::in_flight().into()
+                            DeadlineExceeded::in_flight()
+                                .from_caller(*from_caller)
+                                .into()
                         } else {
                             Elapsed::new().into()
                         }));

@@ -145,12 +145,13 @@ where
         // Taken even when not needed: it is about this request only, not about one that the
         // service below might make.
         let grpc = cover::take_grpc();
-        match self
-            .config
-            .start(&mut req, grpc, cover::deadline(), cover::now)
-        {
+        let shared = cover::deadline();
+        // A deadline the caller set, if it is the one that can end the attempt early.
+        let from_caller = RequestDeadline::of(&req)
+            .is_some_and(|d| d.is_from_caller() && shared.is_none_or(|s| d.instant() <= s));
+        match self.config.start(&mut req, grpc, shared, cover::now) {
             Timing::Spent => future::ResponseFuture::spent(),
-            timing => future::ResponseFuture::new(self.inner.call(req), timing),
+            timing => future::ResponseFuture::new(self.inner.call(req), timing, from_caller),
         }
     }
 }

@@ -381,13 +381,12 @@ where
                             if poll_timer(this.sleep.as_mut(), at, cx).is_pending() {
                                 return Poll::Pending;
                             }
-                            if by_deadline && run.caller_deadline {
-                                // Given back uncounted: the caller's own deadline says
-                                // nothing about the upstream.
-                                run.permit = None;
-                            }
+                            // The breaker does not count a deadline the caller set: it says
+                            // nothing about the upstream.
                             Err(if by_deadline {
-                                DeadlineExceeded::in_flight().into()
+                                DeadlineExceeded::in_flight()
+                                    .from_caller(run.caller_deadline)
+                                    .into()
                             } else {
                                 Elapsed::new().into()
                             })
@@ -435,7 +434,9 @@ where
                             if poll_timer(this.sleep.as_mut(), at, cx).is_pending() {
                                 return Poll::Pending;
                             }
-                            ControlFlow::Break(Err(DeadlineExceeded::in_flight().into()))
+                            let exceeded =
+                                DeadlineExceeded::in_flight().from_caller(run.caller_deadline);
+                            ControlFlow::Break(Err(exceeded.into()))
                         }
                     }
                 }
