@@ -14,12 +14,12 @@ use http::Request;
 use http_body_util::{Empty, Full};
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
-use tower::{Layer, Service, ServiceExt};
+use tower::Layer;
 use tower_upstream::retry::ReplayBody;
 use tower_upstream::{RetryBudget, RetryLayer};
 
 mod common;
-use common::{inner, timed, tower_policy};
+use common::{inner, shared_service, timed, tower_policy, TASKS};
 
 fn happy_path(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -69,8 +69,6 @@ fn happy_path(c: &mut Criterion) {
     });
     g.finish();
 }
-
-const TASKS: u64 = 64;
 
 /// Runs `iters` operations spread over 64 tasks on a runtime with `workers` threads.
 fn contended<F>(workers: usize, iters: u64, op: F) -> Duration
@@ -155,59 +153,22 @@ fn service_contention(c: &mut Criterion) {
     let mut g = c.benchmark_group("retry_service_contention");
     for workers in [1usize, 2] {
         g.bench_function(format!("bare/{workers}w"), |b| {
-            b.iter_custom(|n| shared_service(workers, n, inner::<()>(), || Request::new(())))
+            b.iter_custom(|n| shared_service(workers, n, inner::<()>(), || Request::new(()), false))
         });
         g.bench_function(format!("tower_retry_tps/{workers}w"), |b| {
             b.iter_custom(|n| {
                 let svc = tower::retry::Retry::new(tower_policy(), inner::<()>());
-                shared_service(workers, n, svc, || Request::new(()))
+                shared_service(workers, n, svc, || Request::new(()), false)
             })
         });
         g.bench_function(format!("upstream_retry/{workers}w"), |b| {
             b.iter_custom(|n| {
                 let svc = RetryLayer::new().layer(inner::<ReplayBody<Empty<Bytes>>>());
-                shared_service(workers, n, svc, || Request::new(Empty::new()))
+                shared_service(workers, n, svc, || Request::new(Empty::new()), false)
             })
         });
     }
     g.finish();
-}
-
-fn shared_service<S, B>(workers: usize, iters: u64, svc: S, make: fn() -> Request<B>) -> Duration
-where
-    S: Service<Request<B>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: std::fmt::Debug,
-    S::Response: Send,
-    B: Send + 'static,
-{
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let per_task = iters.div_ceil(TASKS);
-        let start = Instant::now();
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|_| {
-                let mut svc = svc.clone();
-                tokio::spawn(async move {
-                    for i in 0..per_task {
-                        let rsp = svc.ready().await.unwrap().call(make()).await.unwrap();
-                        black_box(rsp);
-                        if i % 64 == 63 {
-                            tokio::task::yield_now().await;
-                        }
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
-        start.elapsed()
-    })
 }
 
 criterion_group!(benches, happy_path, budget_contention, service_contention);

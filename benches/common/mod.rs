@@ -75,3 +75,59 @@ where
     drive(svc, iters, make).await;
     start.elapsed()
 }
+
+/// How many tasks share one service in the contention benches.
+#[allow(dead_code)] // not every bench has a contention group
+pub(crate) const TASKS: u64 = 64;
+
+/// Runs `iters` requests spread over [`TASKS`] tasks on a runtime with `workers` threads,
+/// all through clones of `svc`: each task clones it once (`per_request == false`), or
+/// clones it for every request and calls the clone once, as a server that hands every
+/// connection's request to `svc.clone().oneshot(req)` does (`per_request == true`).
+#[allow(dead_code)] // not every bench has a contention group
+pub(crate) fn shared_service<S, B>(
+    workers: usize,
+    iters: u64,
+    svc: S,
+    make: fn() -> Request<B>,
+    per_request: bool,
+) -> Duration
+where
+    S: Service<Request<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+    S::Response: Send,
+    B: Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let per_task = iters.div_ceil(TASKS);
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let mut svc = svc.clone();
+                tokio::spawn(async move {
+                    for i in 0..per_task {
+                        let rsp = if per_request {
+                            svc.clone().oneshot(make()).await.unwrap()
+                        } else {
+                            svc.ready().await.unwrap().call(make()).await.unwrap()
+                        };
+                        black_box(rsp);
+                        if i % 64 == 63 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        start.elapsed()
+    })
+}
