@@ -23,9 +23,10 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), BoxError> {
-//! # let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! # // Bound, never listening: connections are refused, and no other test gets the port.
+//! # let dead = tokio::net::TcpSocket::new_v4()?;
+//! # dead.bind("127.0.0.1:0".parse()?)?;
 //! # let upstream = dead.local_addr()?;
-//! # drop(dead); // nothing listens there: the upstream refuses connections
 //! let client = Client::builder(TokioExecutor::new()).build_http();
 //!
 //! // Forward every request to the upstream, path and query kept.

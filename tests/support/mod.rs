@@ -115,11 +115,16 @@ pub async fn replying(reply: &'static [u8]) -> SocketAddr {
     .await
 }
 
-/// A port on 127.0.0.1 that nothing listens on.
+/// A port on 127.0.0.1 that nothing listens on: connections to it are refused.
+///
+/// The port stays bound (to a socket that never listens, kept open until the test process
+/// ends), so that another test running alongside cannot be handed the same port for a
+/// server of its own: a freed port would be, and this test would then reach that server.
 pub async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::mem::forget(socket);
     addr
 }
 

@@ -119,10 +119,13 @@ pub fn status(status: StatusCode) -> Action {
     )
 }
 
-/// An address nobody listens on.
+/// An address nobody listens on: bound to a socket that never listens, kept open until the
+/// test process ends, so that no other test is handed the port (see `closed_port` in
+/// `support/mod.rs`).
 pub async fn closed_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::mem::forget(socket);
     addr
 }
