@@ -70,7 +70,7 @@ impl<S, P> Layer<S> for RetryLayer<P> {
     type Service = Retry<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Retry::from_shared(inner, self.shared.clone())
+        Retry::from_shared(inner, &self.shared)
     }
 }
 

@@ -124,7 +124,7 @@ pub(crate) use self::future::{mark, Tries};
 use self::future::{Ctx, ResponseFuture};
 use crate::deadline::cover;
 use crate::fault::Classifier;
-use crate::stripe::Striped;
+use crate::stripe::{Handle, Striped};
 
 /// How many attempts a request took, in the final response's extensions when it took more
 /// than one (inserting an extension allocates, so the first-attempt happy path does not);
@@ -179,7 +179,7 @@ pub(crate) type Shared<P> = Striped<Config<P>>;
 /// Retries upstream requests; see the [module docs](self).
 pub struct Retry<S, P = DefaultPolicy> {
     inner: S,
-    shared: Arc<Shared<P>>,
+    shared: Handle<Config<P>>,
 }
 
 impl<S> Retry<S> {
@@ -190,8 +190,11 @@ impl<S> Retry<S> {
 }
 
 impl<S, P> Retry<S, P> {
-    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<P>>) -> Self {
-        Retry { inner, shared }
+    pub(crate) fn from_shared(inner: S, shared: &Arc<Shared<P>>) -> Self {
+        Retry {
+            inner,
+            shared: shared.handle(),
+        }
     }
 
     /// The budget this service draws on (shared with its clones and its layer).

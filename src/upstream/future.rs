@@ -30,7 +30,7 @@ use crate::deadline::{cover, saturating_add, DeadlineExceeded, Due};
 use crate::head::HeadCopy;
 use crate::map_faults::{self, FaultBody};
 use crate::retry::{mark, Attempts, Policy, ReplayBody, Tries};
-use crate::stripe::{Stripe, Striped};
+use crate::stripe::{Handle, Stripe};
 use crate::timeout::error::Elapsed;
 use crate::timeout::Timing;
 
@@ -150,7 +150,7 @@ where
     #[inline]
     pub(super) fn start(
         service: &mut S,
-        stack: &Striped<Stack<P>>,
+        stack: &Handle<Stack<P>>,
         req: Request<B>,
         (now, deadline, caller_deadline): (Option<Instant>, Due, bool),
         limit: Option<limit::Permit<P>>,

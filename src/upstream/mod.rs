@@ -189,7 +189,7 @@ use crate::fault::Classifier;
 use crate::grpc;
 use crate::map_faults::{self, FaultBody, MapFaultsLayer, ReadyError};
 use crate::retry::{self, DefaultPolicy, Policy, ReplayBody, RetryBudget, RetryLayer};
-use crate::stripe::Striped;
+use crate::stripe::{Handle, Striped};
 use crate::timeout::{self, AttemptTimeoutLayer};
 
 /// The default overall deadline of a request.
@@ -213,7 +213,7 @@ pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// level.
 pub struct Upstream<S, P = DefaultPolicy> {
     inner: S,
-    stack: Arc<Striped<Stack<P>>>,
+    stack: Handle<Stack<P>>,
     map_faults: map_faults::Config,
     ready_error: ReadyError,
     deadline: Option<deadline::Config>,
@@ -468,7 +468,7 @@ impl<S, P> Layer<S> for UpstreamLayer<P> {
     fn layer(&self, inner: S) -> Upstream<S, P> {
         Upstream {
             inner,
-            stack: self.stack.clone(),
+            stack: self.stack.handle(),
             map_faults: self.map_faults.config().clone(),
             ready_error: ReadyError::default(),
             deadline: self.deadline.as_ref().map(|l| l.config().clone()),
