@@ -100,16 +100,20 @@ fn contention(c: &mut Criterion) {
             .unwrap();
         let layer = CircuitBreakerLayer::new();
         g.bench_function(format!("bare/{workers}"), |b| {
-            b.iter_custom(|iters| rt.block_on(run_tasks(bare(), iters)))
+            b.iter_custom(|iters| rt.block_on(run_tasks(bare(), iters, false)))
         });
         g.bench_function(format!("closed_keyed/{workers}"), |b| {
-            b.iter_custom(|iters| rt.block_on(run_tasks(layer.layer(bare()), iters)))
+            b.iter_custom(|iters| rt.block_on(run_tasks(layer.layer(bare()), iters, false)))
+        });
+        // A clone per request, as a server makes.
+        g.bench_function(format!("closed_keyed_clone_per_request/{workers}"), |b| {
+            b.iter_custom(|iters| rt.block_on(run_tasks(layer.layer(bare()), iters, true)))
         });
     }
     g.finish();
 }
 
-async fn run_tasks<S>(svc: S, iters: u64) -> Duration
+async fn run_tasks<S>(svc: S, iters: u64, clone_per_request: bool) -> Duration
 where
     S: Service<Request<()>, Response = Response<()>> + Clone + Send + 'static,
     S::Error: std::fmt::Debug,
@@ -120,7 +124,15 @@ where
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..TASKS {
         let mut svc = svc.clone();
-        tasks.spawn(async move { drive(&mut svc, per_task).await });
+        tasks.spawn(async move {
+            if clone_per_request {
+                for _ in 0..per_task {
+                    black_box(svc.clone().oneshot(request()).await.unwrap());
+                }
+            } else {
+                drive(&mut svc, per_task).await
+            }
+        });
     }
     while let Some(r) = tasks.join_next().await {
         r.unwrap();

@@ -15,6 +15,7 @@ use super::state::{Config, WindowConfig};
 const MAX_OPEN: Duration = Duration::from_secs(24 * 3600);
 use super::{BreakerHandle, CircuitBreaker, Shared};
 use crate::fault::Classifier;
+use crate::stripe::{Handle, Striped};
 use crate::{grpc, ConfigError};
 
 /// Applies [`CircuitBreaker`] to a service.
@@ -25,6 +26,23 @@ use crate::{grpc, ConfigError};
 #[derive(Clone)]
 pub struct CircuitBreakerLayer {
     pub(crate) shared: Arc<Shared>,
+    /// The same, referenced per stripe by the services (so that their clones scale).
+    striped: Arc<Striped<Arc<Shared>>>,
+}
+
+impl CircuitBreakerLayer {
+    fn from_shared(shared: Shared) -> Self {
+        let shared = Arc::new(shared);
+        CircuitBreakerLayer {
+            striped: Arc::new(Striped::new(shared.clone())),
+            shared,
+        }
+    }
+
+    /// The breakers' state as a service holds it.
+    pub(crate) fn service_handle(&self) -> Handle<Arc<Shared>> {
+        self.striped.handle()
+    }
 }
 
 impl CircuitBreakerLayer {
@@ -70,7 +88,7 @@ impl<S> Layer<S> for CircuitBreakerLayer {
     fn layer(&self, inner: S) -> CircuitBreaker<S> {
         CircuitBreaker {
             inner,
-            shared: self.shared.clone(),
+            shared: self.service_handle(),
         }
     }
 }
@@ -432,8 +450,8 @@ impl Builder {
             idle_timeout: self.idle_timeout,
             stripes: default_stripes(),
         });
-        Ok(CircuitBreakerLayer {
-            shared: Arc::new(Shared::new(Registry::new(config, self.key_by))),
-        })
+        Ok(CircuitBreakerLayer::from_shared(Shared::new(
+            Registry::new(config, self.key_by),
+        )))
     }
 }

@@ -130,6 +130,7 @@ use self::future::ResponseFuture;
 use self::keyed::Registry;
 use self::listener::emit;
 use self::state::Core;
+use crate::stripe::Handle;
 use crate::BoxError;
 
 const AUTO: u8 = 0;
@@ -174,7 +175,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct CircuitBreaker<S> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: Handle<Arc<Shared>>,
 }
 
 impl<S> CircuitBreaker<S> {
@@ -182,14 +183,14 @@ impl<S> CircuitBreaker<S> {
     pub fn new(inner: S, layer: &CircuitBreakerLayer) -> Self {
         CircuitBreaker {
             inner,
-            shared: layer.shared.clone(),
+            shared: layer.service_handle(),
         }
     }
 
     /// A handle on the breakers: operator modes and snapshots.
     pub fn handle(&self) -> BreakerHandle {
         BreakerHandle {
-            shared: self.shared.clone(),
+            shared: self.shared.get().clone(),
         }
     }
 
@@ -200,7 +201,7 @@ impl<S: fmt::Debug> fmt::Debug for CircuitBreaker<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreaker")
             .field("inner", &self.inner)
-            .field("keys", &self.shared.registry.len())
+            .field("keys", &self.shared.get().registry.len())
             .finish()
     }
 }
@@ -221,7 +222,7 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        match self.shared.admit(&req) {
+        match self.shared.get().admit(&req) {
             Ok(permit) => ResponseFuture::called(self.inner.call(req), permit),
             Err(open) => ResponseFuture::refused(open),
         }
