@@ -12,14 +12,13 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::Request;
 use http_body_util::{Empty, Full};
-use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::Layer;
 use tower_upstream::retry::ReplayBody;
 use tower_upstream::{RetryBudget, RetryLayer};
 
 mod common;
-use common::{inner, shared_service, timed, tower_policy, TASKS};
+use common::{inner, shared_service, spread, timed, tower_policy};
 
 fn happy_path(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -75,31 +74,16 @@ fn contended<F>(workers: usize, iters: u64, op: F) -> Duration
 where
     F: Fn(u64) + Clone + Send + 'static,
 {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let per_task = iters.div_ceil(TASKS);
-        let start = Instant::now();
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|_| {
-                let op = op.clone();
-                tokio::spawn(async move {
-                    for i in 0..per_task {
-                        op(i);
-                        if i % 64 == 63 {
-                            tokio::task::yield_now().await;
-                        }
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
+    spread(workers, iters, |n| {
+        let op = op.clone();
+        async move {
+            for i in 0..n {
+                op(i);
+                if i % 64 == 63 {
+                    tokio::task::yield_now().await;
+                }
+            }
         }
-        start.elapsed()
     })
 }
 

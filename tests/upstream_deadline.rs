@@ -223,40 +223,30 @@ async fn a_plain_requests_deadline_is_worked_out_once() {
         .build()
         .unwrap();
 
-    // The first attempt answers at once (the deadline is worked out by the retry's
-    // decision), the second hangs: 504 at 5 s sharp, not 5 s after the 1 s pushback.
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let svc = layer.layer(slow_503s(&[0], 1, seen.clone()));
-    let started = tokio::time::Instant::now();
-    let res = svc
-        .oneshot(Request::get("/").body(Full::default()).unwrap())
-        .await;
-    assert_eq!(res.unwrap().status(), 504);
-    assert_eq!(started.elapsed(), Duration::from_secs(5));
-    assert_eq!(seen.lock().unwrap().len(), 2);
-
-    // The first attempt waits 2 s (the deadline is worked out when it starts waiting), then
-    // asks for 4 s: the deadline leaves 3 s, so the 503 is the answer.
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let svc = layer.layer(slow_503s(&[2], 4, seen.clone()));
-    let started = tokio::time::Instant::now();
-    let res = svc
-        .oneshot(Request::get("/").body(Full::default()).unwrap())
-        .await;
-    assert_eq!(res.unwrap().status(), 503);
-    assert_eq!(started.elapsed(), Duration::from_secs(2));
-    assert_eq!(seen.lock().unwrap().len(), 1);
-
-    // Asking for 2 s instead: retried, and the second attempt is cut at 5 s.
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let svc = layer.layer(slow_503s(&[2], 2, seen.clone()));
-    let started = tokio::time::Instant::now();
-    let res = svc
-        .oneshot(Request::get("/").body(Full::default()).unwrap())
-        .await;
-    assert_eq!(res.unwrap().status(), 504);
-    assert_eq!(started.elapsed(), Duration::from_secs(5));
-    assert_eq!(seen.lock().unwrap().len(), 2);
+    // (attempt 1 waits, then asks for a pushback; status, when, attempts)
+    let cases: [(&'static [u64], u64, u16, u64, usize); 3] = [
+        // Attempt 1 answers at once (the deadline is worked out by the retry's decision),
+        // attempt 2 hangs: 504 at 5 s sharp, not 5 s after the 1 s pushback.
+        (&[0], 1, 504, 5, 2),
+        // Attempt 1 waits 2 s (the deadline is worked out when it starts waiting), then asks
+        // for 4 s: the deadline leaves 3 s, so its 503 is the answer.
+        (&[2], 4, 503, 2, 1),
+        // Asking for 2 s instead: retried, and attempt 2 is cut at 5 s.
+        (&[2], 2, 504, 5, 2),
+    ];
+    for (waits, pushback, status, secs, attempts) in cases {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let svc = layer.layer(slow_503s(waits, pushback, seen.clone()));
+        let started = tokio::time::Instant::now();
+        let res = svc
+            .oneshot(Request::get("/").body(Full::default()).unwrap())
+            .await
+            .unwrap();
+        let case = (waits, pushback);
+        assert_eq!(res.status(), status, "{case:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(secs), "{case:?}");
+        assert_eq!(seen.lock().unwrap().len(), attempts, "{case:?}");
+    }
 }
 
 /// A configured deadline header on a plain HTTP request (configuration file: the deadline

@@ -804,6 +804,26 @@ async fn real_silent_upstream_gets_three_timed_out_attempts() -> Result<(), BoxE
     Ok(())
 }
 
+/// A gRPC call with `grpc-timeout: 100m` through `svc` (whose upstream hangs) is answered
+/// DEADLINE_EXCEEDED at 100 ms sharp.
+async fn a_call_with_100ms_ends_at_100ms<S, B>(svc: S) -> Result<(), BoxError>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+{
+    let mut call = grpc_call();
+    call.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("100m"));
+    let started = Instant::now();
+    let res = svc.oneshot(call).await.map_err(Into::into)?;
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
+    assert_eq!(
+        res.headers().get("grpc-status").and_then(Code::from_header),
+        Some(Code::DeadlineExceeded)
+    );
+    Ok(())
+}
+
 // Pins: an attempt cut short by a deadline the caller set (an incoming `grpc-timeout`, or
 // the configured deadline header, earlier than the stack's own timeout) is not counted by
 // the breaker: callers with short deadlines cannot open the circuit of a healthy upstream
@@ -826,16 +846,7 @@ async fn a_deadline_the_caller_set_is_not_counted_by_the_breaker() -> Result<(),
     let handle = layer.breaker_handle().unwrap();
     let svc = layer.layer(scripted(&log, |_| Act::Hang));
     for _ in 0..3 {
-        let mut call = grpc_call();
-        call.headers_mut()
-            .insert("grpc-timeout", http::HeaderValue::from_static("100m"));
-        let started = Instant::now();
-        let res = svc.clone().oneshot(call).await?;
-        assert_eq!(started.elapsed(), Duration::from_millis(100));
-        assert_eq!(
-            res.headers().get("grpc-status").and_then(Code::from_header),
-            Some(Code::DeadlineExceeded)
-        );
+        a_call_with_100ms_ends_at_100ms(svc.clone()).await?;
     }
     assert_eq!(log.count(), 3, "every call reached the upstream");
     assert_eq!(breaker_counts(&handle), (State::Closed, 0, 0));
@@ -963,16 +974,7 @@ async fn composed_by_hand_a_deadline_the_caller_set_is_not_counted_either() -> R
     // gRPC, `grpc-timeout: 100m`; HTTP, `request-timeout: 1`: the caller's, not counted.
     let (svc, handle) = stack(Duration::from_secs(30))?;
     for _ in 0..3 {
-        let mut call = grpc_call();
-        call.headers_mut()
-            .insert("grpc-timeout", http::HeaderValue::from_static("100m"));
-        let started = Instant::now();
-        let res = svc.clone().oneshot(call).await?;
-        assert_eq!(started.elapsed(), Duration::from_millis(100));
-        assert_eq!(
-            res.headers().get("grpc-status").and_then(Code::from_header),
-            Some(Code::DeadlineExceeded)
-        );
+        a_call_with_100ms_ends_at_100ms(svc.clone()).await?;
 
         let mut req = get("/");
         req.headers_mut()

@@ -80,6 +80,30 @@ where
 #[allow(dead_code)] // not every bench has a contention group
 pub(crate) const TASKS: u64 = 64;
 
+/// Spawns [`TASKS`] tasks on a runtime with `workers` threads, each running
+/// `task(per_task)` with `iters` split evenly between them; returns the time they all took.
+#[allow(dead_code)] // not every bench has a contention group
+pub(crate) fn spread<F, Fut>(workers: usize, iters: u64, task: F) -> Duration
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let per_task = iters.div_ceil(TASKS);
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..TASKS).map(|_| tokio::spawn(task(per_task))).collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        start.elapsed()
+    })
+}
+
 /// Runs `iters` requests spread over [`TASKS`] tasks on a runtime with `workers` threads,
 /// all through clones of `svc`: each task clones it once (`per_request == false`), or
 /// clones it for every request and calls the clone once, as a server that hands every
@@ -99,35 +123,20 @@ where
     S::Response: Send,
     B: Send + 'static,
 {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let per_task = iters.div_ceil(TASKS);
-        let start = Instant::now();
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|_| {
-                let mut svc = svc.clone();
-                tokio::spawn(async move {
-                    for i in 0..per_task {
-                        let rsp = if per_request {
-                            svc.clone().oneshot(make()).await.unwrap()
-                        } else {
-                            svc.ready().await.unwrap().call(make()).await.unwrap()
-                        };
-                        black_box(rsp);
-                        if i % 64 == 63 {
-                            tokio::task::yield_now().await;
-                        }
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
+    spread(workers, iters, |n| {
+        let mut svc = svc.clone();
+        async move {
+            for i in 0..n {
+                let rsp = if per_request {
+                    svc.clone().oneshot(make()).await.unwrap()
+                } else {
+                    svc.ready().await.unwrap().call(make()).await.unwrap()
+                };
+                black_box(rsp);
+                if i % 64 == 63 {
+                    tokio::task::yield_now().await;
+                }
+            }
         }
-        start.elapsed()
     })
 }
