@@ -142,6 +142,16 @@ fn contention(c: &mut Criterion) {
                 })
             },
         );
+        let limited = Upstream::builder().concurrency_limit(4096).build().unwrap();
+        g.bench_function(
+            format!("upstream_with_limit_clone_per_request/{workers}w"),
+            |b| {
+                b.iter_custom(|n| {
+                    let svc = limited.layer(inner::<ReplayBody<Empty<Bytes>>>());
+                    shared_service(workers, n, svc, || Request::new(Empty::new()), true)
+                })
+            },
+        );
     }
     g.finish();
 }
