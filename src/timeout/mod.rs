@@ -146,10 +146,11 @@ where
         // service below might make.
         let grpc = cover::take_grpc();
         let shared = cover::deadline();
+        let ext = RequestDeadline::of(&req);
         // A deadline the caller set, if it is the one that can end the attempt early.
-        let from_caller = RequestDeadline::of(&req)
-            .is_some_and(|d| d.is_from_caller() && shared.is_none_or(|s| d.instant() <= s));
-        match self.config.start(&mut req, grpc, shared, cover::now) {
+        let from_caller =
+            ext.is_some_and(|d| d.is_from_caller() && shared.is_none_or(|s| d.instant() <= s));
+        match self.config.start(&mut req, grpc, (ext, shared), cover::now) {
             Timing::Spent => future::ResponseFuture::spent(),
             timing => future::ResponseFuture::new(self.inner.call(req), timing, from_caller),
         }
@@ -243,18 +244,18 @@ impl Timing {
 
 impl Config {
     /// Starts an attempt of `req`: when it must end, given the deadline shared by a layer
-    /// above (`deadline`, folded with one in the extensions); tells a gRPC upstream how long
-    /// it has. `grpc` is whether the request is gRPC, when the caller knows; `now` reads
-    /// the clock (only when needed).
+    /// above (`deadline`, folded with `ext`, the one in the request's extensions, which the
+    /// caller looked up); tells a gRPC upstream how long it has. `grpc` is whether the
+    /// request is gRPC, when the caller knows; `now` reads the clock (only when needed).
     #[inline]
     pub(crate) fn start<B>(
         &self,
         req: &mut Request<B>,
         grpc: Option<bool>,
-        deadline: Option<Instant>,
+        (ext, deadline): (Option<RequestDeadline>, Option<Instant>),
         now: impl FnOnce() -> Instant,
     ) -> Timing {
-        let ext = RequestDeadline::of(req).map(|d| d.instant());
+        let ext = ext.map(|d| d.instant());
         let deadline = match (ext, deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

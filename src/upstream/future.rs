@@ -26,7 +26,7 @@ use tower_service::Service;
 
 use super::{limit, Stack};
 use crate::breaker::Permit;
-use crate::deadline::{cover, saturating_add, DeadlineExceeded, Due};
+use crate::deadline::{cover, saturating_add, DeadlineExceeded, Due, RequestDeadline};
 use crate::head::HeadCopy;
 use crate::map_faults::{self, FaultBody};
 use crate::retry::{mark, Attempts, Policy, ReplayBody, Tries};
@@ -273,9 +273,12 @@ where
     debug_assert!(!(grpc && matches!(deadline, Due::After(_))));
     let known = deadline.known();
     *timing = match &stack.attempt {
-        Some(config) => config.start(&mut req, Some(grpc), known, || {
-            now.unwrap_or_else(Instant::now)
-        }),
+        Some(config) => {
+            let ext = RequestDeadline::of(&req);
+            config.start(&mut req, Some(grpc), (ext, known), || {
+                now.unwrap_or_else(Instant::now)
+            })
+        }
         None => known.map_or(Timing::Untimed, |at| Timing::At {
             at,
             by_deadline: true,
