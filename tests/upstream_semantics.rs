@@ -700,6 +700,40 @@ async fn a_dropped_request_frees_its_permit_and_its_probe() -> Result<(), BoxErr
     Ok(())
 }
 
+// Pins: an inner service that panics in `call` itself (before it returns its future), the
+// panic caught above the stack as tower-http's `CatchPanic` does, does not keep the place
+// under the limit: with a limit of 1, the next request is let through, retried or not.
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_the_inner_call_frees_the_permit() -> Result<(), BoxError> {
+    for retrying in [true, false] {
+        let builder = Upstream::builder().concurrency_limit(1);
+        let builder = if retrying {
+            builder
+        } else {
+            builder.no_retry()
+        };
+        let layer = builder.build()?;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let inner = {
+            let calls = calls.clone();
+            service_fn(move |_req: Request<ReplayBody<Full<Bytes>>>| {
+                assert_ne!(calls.fetch_add(1, SeqCst), 0, "the first call panics");
+                async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
+            })
+        };
+        let mut svc = layer.layer(inner);
+        svc.ready().await?;
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            drop(svc.call(get("/panics")));
+        }));
+        assert!(caught.is_err(), "retrying {retrying}");
+        let res = svc.ready().await?.call(get("/next")).await?;
+        assert_eq!(res.status(), StatusCode::OK, "retrying {retrying}");
+        assert_eq!(calls.load(SeqCst), 2, "retrying {retrying}");
+    }
+    Ok(())
+}
+
 // Pins: a user's `DeadlineLayer` around the stack, shorter than the stack's own deadline,
 // ends the request at its time with the stack's 504 (the stack honours the extension).
 #[tokio::test(start_paused = true)]

@@ -166,7 +166,8 @@ where
         let cfg = parts.retry.get();
         let grpc = map_faults.is_grpc();
         let limited = limit.is_some();
-        let held = limit.and_then(limit::Permit::into_stack);
+        // The permit is turned into the future's reference only once the first attempt is
+        // made: if the service's `call` panics, dropping it gives the place back.
         // Built straight into the future, without intermediate tuples: the head's copy is
         // the largest thing a request carries, and every move of it is a memcpy. (So each
         // branch builds the future itself; one build after an `if` returning the parts as a
@@ -193,7 +194,7 @@ where
                     deadline,
                     timing,
                     permit,
-                    stack: held,
+                    stack: limit.and_then(limit::Permit::into_stack),
                     limited,
                     caller_deadline,
                     later: None,
@@ -225,7 +226,11 @@ where
                 deadline,
                 timing,
                 permit,
-                stack: Some(held.unwrap_or_else(|| stack.stripe(stripe))),
+                stack: Some(
+                    limit
+                        .and_then(limit::Permit::into_stack)
+                        .unwrap_or_else(|| stack.stripe(stripe)),
+                ),
                 limited,
                 caller_deadline,
                 later: Some(Later {
