@@ -734,6 +734,40 @@ async fn a_panic_in_the_inner_call_frees_the_permit() -> Result<(), BoxError> {
     Ok(())
 }
 
+// Pins: a call that `poll_ready` did not precede holds no place under the limit, so it is
+// shed (503 `connection_limit_reached`, the service below not called), as tower's
+// `LoadShed` sheds it: it is never let past the limit. A later `poll_ready` takes a place.
+#[tokio::test(start_paused = true)]
+async fn a_call_without_poll_ready_is_shed_not_let_past_the_limit() -> Result<(), BoxError> {
+    let layer = Upstream::builder().concurrency_limit(1).build()?;
+    let log = Log::default();
+    let mut svc = layer.layer(scripted(&log, |_| Act::After(Duration::from_secs(1), 200)));
+    svc.ready().await?;
+    let first = tokio::spawn(svc.call(get("/first")));
+    let res = svc.call(get("/second")).await?;
+    assert_answer(
+        &res,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "tower-upstream; error=connection_limit_reached",
+    );
+    assert_eq!(first.await??.status(), StatusCode::OK);
+    assert_eq!(log.count(), 1, "the second call never reached the service");
+    let res = svc.ready().await?.call(get("/third")).await?;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(log.count(), 2);
+
+    // Without a limit there is no place to hold: the call goes through.
+    let log = Log::default();
+    let mut svc = Upstream::builder()
+        .build()?
+        .layer(scripted(&log, |_| Act::Status(200)));
+    svc.ready().await?;
+    svc.call(get("/one")).await?;
+    assert_eq!(svc.call(get("/two")).await?.status(), StatusCode::OK);
+    assert_eq!(log.count(), 2);
+    Ok(())
+}
+
 // Pins: a user's `DeadlineLayer` around the stack, shorter than the stack's own deadline,
 // ends the request at its time with the stack's 504 (the stack honours the extension).
 #[tokio::test(start_paused = true)]

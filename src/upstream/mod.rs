@@ -371,10 +371,13 @@ impl<S, P> Upstream<S, P> {
             // No clock read: the deadline is worked out when it first matters.
             UpstreamStart::After { timeout, by_caller } => (None, Due::After(timeout), by_caller),
         };
-        if self.limit.shed {
+        let permit = self.limit.permit.take();
+        // Shed: no place under the limit, or the service below was not ready. A call that
+        // `poll_ready` did not precede holds no place either, and is shed as tower's
+        // `LoadShed` sheds it, rather than let past the limit.
+        if self.limit.shed || (permit.is_none() && self.stack.get().limit.is_some()) {
             return ResponseFuture::answer(Overloaded::new().into(), map_faults, span);
         }
-        let permit = self.limit.permit.take();
         ResponseFuture::start(
             &mut self.inner,
             &self.stack,
