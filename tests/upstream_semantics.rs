@@ -1063,3 +1063,42 @@ async fn composed_by_hand_a_deadline_the_caller_set_is_not_counted_either() -> R
     assert_eq!(breaker_counts(&handle).0, State::Open);
     Ok(())
 }
+
+// A deadline the caller set, on a stack without a deadline of its own (`no_deadline`, a
+// user's `DeadlineLayer` with a header around it): the attempt it cuts short is not counted
+// by the breaker either, as with the stack's own deadline layer or composed by hand.
+#[tokio::test(start_paused = true)]
+async fn without_its_deadline_the_stack_still_does_not_count_the_callers() -> Result<(), BoxError>
+{
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(2)
+        .build()?;
+    let stack = Upstream::builder()
+        .map_faults(detailed())
+        .breaker(breaker)
+        .no_deadline()
+        .attempt_timeout(Duration::from_secs(5))
+        .build()?;
+    let handle = stack.breaker_handle().unwrap();
+    let log = Log::default();
+    let outer = DeadlineLayer::builder()
+        .timeout(Duration::from_secs(30))
+        .header(
+            "request-timeout",
+            tower_upstream::deadline::HeaderUnit::Seconds,
+        )
+        .build()?;
+    let svc = outer.layer(stack.layer(scripted(&log, |_| Act::Hang)));
+    for _ in 0..3 {
+        let mut req = get("/");
+        req.headers_mut()
+            .insert("request-timeout", http::HeaderValue::from_static("1"));
+        let started = Instant::now();
+        let res = svc.clone().oneshot(req).await?;
+        assert_answer(&res, StatusCode::GATEWAY_TIMEOUT, DEADLINE_FAULT);
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+    }
+    assert_eq!(log.count(), 3, "every call reached the upstream");
+    assert_eq!(breaker_counts(&handle), (State::Closed, 0, 0));
+    Ok(())
+}

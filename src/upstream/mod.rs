@@ -183,7 +183,9 @@ use tower_service::Service;
 pub use self::future::ResponseFuture;
 
 use crate::breaker::{self, BreakerHandle, CircuitBreakerLayer};
-use crate::deadline::{self, DeadlineExceeded, DeadlineLayer, Due, Start, UpstreamStart};
+use crate::deadline::{
+    self, DeadlineExceeded, DeadlineLayer, Due, RequestDeadline, Start, UpstreamStart,
+};
 use crate::error::ConfigError;
 use crate::fault::Classifier;
 use crate::grpc;
@@ -360,7 +362,13 @@ impl<S, P> Upstream<S, P> {
             None => UpstreamStart::Now(Start::Untimed),
         };
         let clock = match start {
-            UpstreamStart::Now(Start::Untimed) => (None, Due::Never, false),
+            // No deadline of the stack's own: one on the request (a layer above) may still
+            // end an attempt, and says whether the caller set it.
+            UpstreamStart::Now(Start::Untimed) => (
+                None,
+                Due::Never,
+                RequestDeadline::of(&req).is_some_and(|d| d.is_from_caller()),
+            ),
             UpstreamStart::Now(Start::Spent) => {
                 let error = DeadlineExceeded::before_start().into();
                 return ResponseFuture::answer(error, map_faults, span);
