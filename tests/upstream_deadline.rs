@@ -286,3 +286,25 @@ async fn a_deadline_header_caps_and_propagates_on_a_plain_request() {
     assert_eq!(started.elapsed(), Duration::from_secs(30));
     assert_eq!(*seen.lock().unwrap(), [Some("30".to_owned())]);
 }
+
+/// Without an attempt timeout, a retry's gRPC attempt is still told what the deadline
+/// leaves, not the time the whole request had at the start.
+#[tokio::test(start_paused = true)]
+async fn without_attempt_timeout_a_retry_is_told_what_is_left() {
+    let layer = Upstream::builder()
+        .deadline(Duration::from_secs(1))
+        .no_attempt_timeout()
+        .build()
+        .unwrap();
+    let (seen, res) = two_attempts(layer, Duration::from_millis(300)).await;
+
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0].grpc_timeout, Some(Duration::from_secs(1)));
+    // The retry starts after 300 ms and a backoff of at most 25 ms.
+    let second = seen[1].grpc_timeout.unwrap();
+    assert!(
+        second <= Duration::from_millis(700) && second >= Duration::from_millis(675),
+        "{second:?}"
+    );
+    assert_eq!(grpc_code(&res), Some(Code::Ok));
+}
