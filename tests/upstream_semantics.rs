@@ -1102,3 +1102,68 @@ async fn without_its_deadline_the_stack_still_does_not_count_the_callers() -> Re
     assert_eq!(breaker_counts(&handle), (State::Closed, 0, 0));
     Ok(())
 }
+
+/// An inner service answering 503 at once, whose clones become ready only at `ready_at`.
+struct ReadyAt {
+    calls: Arc<AtomicUsize>,
+    ready_at: Instant,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Clone for ReadyAt {
+    fn clone(&self) -> Self {
+        ReadyAt {
+            calls: self.calls.clone(),
+            ready_at: self.ready_at,
+            sleep: Some(Box::pin(tokio::time::sleep_until(self.ready_at))),
+        }
+    }
+}
+
+impl<B> Service<Request<ReplayBody<B>>> for ReadyAt {
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Response<Full<Bytes>>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match &mut self.sleep {
+            None => Poll::Ready(Ok(())),
+            Some(sleep) => std::future::Future::poll(sleep.as_mut(), cx).map(Ok),
+        }
+    }
+
+    fn call(&mut self, _req: Request<ReplayBody<B>>) -> Self::Future {
+        self.calls.fetch_add(1, SeqCst);
+        let rsp = Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .body(Full::default())
+            .unwrap();
+        std::future::ready(Ok(rsp))
+    }
+}
+
+// A retry whose service gets ready only as the deadline passes is not sent (the deadline is
+// spent before it starts), and the breaker does not count what never reached the upstream:
+// only the first attempt's 503 is a sample.
+#[tokio::test(start_paused = true)]
+async fn a_retry_spent_before_it_starts_is_not_a_breaker_sample() -> Result<(), BoxError> {
+    let layer = Upstream::builder()
+        .deadline(Duration::from_secs(1))
+        .build()?;
+    let handle = layer.breaker_handle().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inner = ReadyAt {
+        calls: calls.clone(),
+        ready_at: Instant::now() + Duration::from_secs(1),
+        sleep: None,
+    };
+    let svc = layer.layer(inner);
+
+    let started = Instant::now();
+    let res = svc.oneshot(get("/")).await?;
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+    assert_eq!(calls.load(SeqCst), 1, "the retry was not sent");
+    assert_eq!(breaker_counts(&handle), (State::Closed, 1, 1));
+    Ok(())
+}

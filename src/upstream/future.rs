@@ -302,6 +302,8 @@ where
         }),
     };
     if let Timing::Spent = timing {
+        // Nothing is sent: not a sample of the upstream (a probe slot is given back).
+        *permit = None;
         *timing = Timing::Untimed;
         let error = Some(DeadlineExceeded::before_start().into());
         return Phase::Failed { error };
