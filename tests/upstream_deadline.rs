@@ -9,11 +9,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
-use tower::{service_fn, Layer, ServiceExt};
+use tower::util::BoxCloneService;
+use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_upstream::deadline::{DeadlineLayer, RequestDeadline};
 use tower_upstream::grpc::{self, Code};
 use tower_upstream::retry::{Idempotent, ReplayBody};
-use tower_upstream::{Upstream, UpstreamLayer};
+use tower_upstream::{RetryLayer, Upstream, UpstreamLayer};
 
 /// What the inner service saw of one attempt.
 #[derive(Debug, Clone, Copy)]
@@ -25,28 +26,40 @@ struct Seen {
 /// A gRPC upstream that answers UNAVAILABLE (trailers-only) to the first attempt and OK to
 /// the others, each after `delay`.
 async fn two_attempts(layer: UpstreamLayer, delay: Duration) -> (Vec<Seen>, Response<()>) {
+    two_attempts_through(layer, delay).await
+}
+
+/// [`two_attempts`] through any layer: the stack, or layers composed by hand.
+async fn two_attempts_through<L, ResB>(layer: L, delay: Duration) -> (Vec<Seen>, Response<()>)
+where
+    L: Layer<Inner>,
+    L::Service: Service<Request<Full<Bytes>>, Response = Response<ResB>>,
+    <L::Service as Service<Request<Full<Bytes>>>>::Error: std::fmt::Debug,
+{
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();
-    let svc = layer.layer(service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
-        let attempt = {
-            let mut seen = record.lock().unwrap();
-            seen.push(Seen {
-                grpc_timeout: grpc::timeout_of(req.headers()),
-                extension: RequestDeadline::of(&req).is_some(),
-            });
-            seen.len()
-        };
-        async move {
-            tokio::time::sleep(delay).await;
-            let code = if attempt == 1 { "14" } else { "0" };
-            let rsp = Response::builder()
-                .header("content-type", "application/grpc")
-                .header("grpc-status", code)
-                .body(Full::new(Bytes::new()))
-                .unwrap();
-            Ok::<_, Infallible>(rsp)
-        }
-    }));
+    let inner: Inner =
+        BoxCloneService::new(service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
+            let attempt = {
+                let mut seen = record.lock().unwrap();
+                seen.push(Seen {
+                    grpc_timeout: grpc::timeout_of(req.headers()),
+                    extension: RequestDeadline::of(&req).is_some(),
+                });
+                seen.len()
+            };
+            async move {
+                tokio::time::sleep(delay).await;
+                let code = if attempt == 1 { "14" } else { "0" };
+                let rsp = Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", code)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                Ok::<_, Infallible>(rsp)
+            }
+        }));
+    let svc = layer.layer(inner);
     let mut req = Request::post("http://upstream/pkg.Svc/Get")
         .header("content-type", "application/grpc")
         .body(Full::new(Bytes::new()))
@@ -56,6 +69,9 @@ async fn two_attempts(layer: UpstreamLayer, delay: Duration) -> (Vec<Seen>, Resp
     let seen = seen.lock().unwrap().clone();
     (seen, res)
 }
+
+/// The scripted gRPC upstream of [`two_attempts`].
+type Inner = BoxCloneService<Request<ReplayBody<Full<Bytes>>>, Response<Full<Bytes>>, Infallible>;
 
 fn grpc_code(res: &Response<()>) -> Option<Code> {
     res.headers().get("grpc-status").and_then(Code::from_header)
@@ -301,6 +317,25 @@ async fn without_attempt_timeout_a_retry_is_told_what_is_left() {
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert_eq!(seen[0].grpc_timeout, Some(Duration::from_secs(1)));
     // The retry starts after 300 ms and a backoff of at most 25 ms.
+    let second = seen[1].grpc_timeout.unwrap();
+    assert!(
+        second <= Duration::from_millis(700) && second >= Duration::from_millis(675),
+        "{second:?}"
+    );
+    assert_eq!(grpc_code(&res), Some(Code::Ok));
+}
+
+/// The same composed by hand, with no attempt timeout: the retry tells the upstream what the
+/// deadline above leaves.
+#[tokio::test(start_paused = true)]
+async fn composed_by_hand_a_retry_is_told_what_is_left() {
+    let layer = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_secs(1)))
+        .layer(RetryLayer::new());
+    let (seen, res) = two_attempts_through(layer, Duration::from_millis(300)).await;
+
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0].grpc_timeout, Some(Duration::from_secs(1)));
     let second = seen[1].grpc_timeout.unwrap();
     assert!(
         second <= Duration::from_millis(700) && second >= Duration::from_millis(675),

@@ -1068,8 +1068,7 @@ async fn composed_by_hand_a_deadline_the_caller_set_is_not_counted_either() -> R
 // user's `DeadlineLayer` with a header around it): the attempt it cuts short is not counted
 // by the breaker either, as with the stack's own deadline layer or composed by hand.
 #[tokio::test(start_paused = true)]
-async fn without_its_deadline_the_stack_still_does_not_count_the_callers() -> Result<(), BoxError>
-{
+async fn without_its_deadline_the_stack_still_does_not_count_the_callers() -> Result<(), BoxError> {
     let breaker = CircuitBreakerLayer::builder()
         .consecutive_failures(2)
         .build()?;

@@ -151,7 +151,7 @@ where
                         if let Err(e) = ready!(ctx.service.poll_ready(cx)) {
                             return Poll::Ready(Err(e.into()));
                         }
-                        let req = ctx.tries.next_request();
+                        let req = ctx.tries.next_request(ctx.deadline.known());
                         let fut = {
                             // The layers below read the private deadline while called.
                             let _shared = (!ctx.deadline.is_never())
@@ -386,14 +386,34 @@ impl<B> Tries<B> {
         Some(delay)
     }
 
-    /// The next attempt's request (counted as made).
-    pub(crate) fn next_request(&mut self) -> Request<ReplayBody<B>> {
+    /// The next attempt's request (counted as made). `deadline`: the stack's private one, if
+    /// any (already worked out by the retry decision).
+    pub(crate) fn next_request(&mut self, deadline: Option<Instant>) -> Request<ReplayBody<B>> {
         let mut parts = self.head.to_parts();
         if grpc::is_grpc(&parts.headers) {
             parts.headers.insert(
                 "grpc-previous-rpc-attempts",
                 HeaderValue::from(self.attempts),
             );
+            // The copied head carries the `grpc-timeout` of the time the request had at the
+            // start: the upstream is told only what the deadline leaves (an attempt timeout
+            // below may lower it further; nothing is added where none was propagated).
+            let ext = parts
+                .extensions
+                .get::<RequestDeadline>()
+                .map(|d| d.instant());
+            let deadline = match (ext, deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(at) = deadline {
+                let left = at.saturating_duration_since(Instant::now());
+                if grpc::timeout_of(&parts.headers).is_some_and(|t| t > left) {
+                    parts
+                        .headers
+                        .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(left));
+                }
+            }
         }
         let body = match &self.replay {
             Some(shared) => ReplayBody::replay(shared),

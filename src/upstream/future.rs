@@ -27,7 +27,6 @@ use tower_service::Service;
 use super::{limit, Stack};
 use crate::breaker::Permit;
 use crate::deadline::{cover, saturating_add, DeadlineExceeded, Due, RequestDeadline};
-use crate::grpc;
 use crate::head::HeadCopy;
 use crate::map_faults::{self, FaultBody};
 use crate::retry::{mark, Attempts, Policy, ReplayBody, Tries};
@@ -285,20 +284,9 @@ where
                 now.unwrap_or_else(Instant::now)
             })
         }
-        None => known.map_or(Timing::Untimed, |at| {
-            // The head a retry copies carries the `grpc-timeout` of the time the request
-            // had at the start: tell a later attempt only what the deadline leaves.
-            if grpc {
-                let left = at.saturating_duration_since(now.unwrap_or_else(Instant::now));
-                if grpc::timeout_of(req.headers()).is_some_and(|t| t > left) {
-                    req.headers_mut()
-                        .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(left));
-                }
-            }
-            Timing::At {
-                at,
-                by_deadline: true,
-            }
+        None => known.map_or(Timing::Untimed, |at| Timing::At {
+            at,
+            by_deadline: true,
         }),
     };
     if let Timing::Spent = timing {
@@ -435,7 +423,7 @@ where
                     };
                     match later.service.poll_ready(cx) {
                         Poll::Ready(Ok(())) => {
-                            let req = later.tries.next_request();
+                            let req = later.tries.next_request(run.deadline.known());
                             let grpc = run.map_faults.is_grpc();
                             ControlFlow::Continue(attempt(
                                 &mut later.service,
