@@ -449,7 +449,7 @@ impl Core {
         }
         if c.honor_retry_after {
             if let Some(ra) = retry_after {
-                ms = ms.max((ra.as_millis() as u64).min(max));
+                ms = ms.max(u64::try_from(ra.as_millis()).unwrap_or(u64::MAX).min(max));
             }
         }
         ms.max(1)
@@ -497,5 +497,54 @@ impl Core {
 
     pub(crate) fn consecutive_failures(&self) -> u32 {
         self.consecutive.load(Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core(open_base: Duration, open_max: Duration) -> Core {
+        let config = Config {
+            window: WindowConfig::Count(10),
+            failure_rate: 0.5,
+            min_calls: 10,
+            consecutive_failures: 1,
+            slow_call: None,
+            open_base,
+            open_max,
+            jitter: 0.0,
+            honor_retry_after: true,
+            probes: 1,
+            probe_successes: 1,
+            statuses: [0; 16],
+            grpc_codes: 0,
+            classifier: Classifier::new(),
+            listener: None,
+            max_keys: 1,
+            idle_timeout: Duration::from_secs(300),
+            stripes: 2,
+        };
+        Core::new("k".into(), Arc::new(config))
+    }
+
+    /// A `Retry-After` too large for a count of milliseconds in a `u64` is still longer than
+    /// the cap: the circuit opens for the cap, not for whatever the truncated value is.
+    #[tokio::test(start_paused = true)]
+    async fn huge_retry_after_opens_for_the_cap() {
+        let core = core(Duration::from_secs(1), Duration::from_secs(60));
+        // (u64::MAX / 1000 + 1) s = 2^64 + 384 ms.
+        let ra = Duration::from_secs(u64::MAX / 1000 + 1);
+        core.on_closed_outcome(
+            0,
+            Outcome::Failure {
+                retry_after: Some(ra),
+            },
+        );
+        assert_eq!(core.state(), State::Open);
+        assert_eq!(
+            core.until_probe(core.now_ms()),
+            Some(Duration::from_secs(60))
+        );
     }
 }
