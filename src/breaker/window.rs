@@ -158,6 +158,39 @@ impl TimeWindow {
         &self.words[8 + (stripe & (self.stripes - 1)) * self.stride]
     }
 
+    /// The newest bucket the stripe has written (word 1 of its row, in the pending word's
+    /// padding). A tag is only the low bits of a bucket's number: a slot last written
+    /// 2^20 buckets ago has the tag of a bucket in the window. Slots of buckets newer than
+    /// this are not read, and every slot a stripe's newest bucket passes is cleared.
+    #[inline]
+    fn newest(&self, stripe: usize) -> &AtomicU64 {
+        &self.words[9 + (stripe & (self.stripes - 1)) * self.stride]
+    }
+
+    /// Moves the stripe's newest bucket up to `bucket`, clearing the slots of the buckets
+    /// it passes (those are about to be reused; what they hold is from an earlier lap).
+    #[inline]
+    fn advance(&self, stripe: usize, bucket: u64) {
+        let newest = self.newest(stripe);
+        let mut cur = newest.load(Relaxed);
+        while bucket > cur {
+            match newest.compare_exchange_weak(cur, bucket, Relaxed, Relaxed) {
+                Ok(_) => {
+                    let from = (cur + 1).max((bucket + 1).saturating_sub(self.ring as u64));
+                    for b in from..=bucket {
+                        let slot = self.slot(stripe, b);
+                        let w = slot.load(Relaxed);
+                        if unpack(w).0 == b & TAG_MASK {
+                            let _ = slot.compare_exchange(w, 0, Relaxed, Relaxed);
+                        }
+                    }
+                    return;
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
     /// A success, counted without a clock read; filed under a bucket at the stripe's next
     /// clock read (every [`CLOCK_EVERY`] successes, or its next failure). Filing them under
     /// the bucket of that read can only make them look more recent than they were: the
@@ -182,6 +215,7 @@ impl TimeWindow {
 
     fn add(&self, stripe: usize, now_ms: u64, calls_add: u64, failures_add: u64) {
         let bucket = self.bucket(now_ms);
+        self.advance(stripe, bucket);
         let tag = bucket & TAG_MASK;
         let slot = self.slot(stripe, bucket);
         let mut cur = slot.load(Relaxed);
@@ -208,8 +242,12 @@ impl TimeWindow {
         let mut totals = Totals::default();
         for stripe in 0..self.stripes {
             totals.calls += self.pending(stripe).load(Relaxed);
+            let newest = self.newest(stripe).load(Relaxed);
             for back in 0..(self.buckets as u64).min(now + 1) {
                 let bucket = now - back;
+                if bucket > newest {
+                    continue;
+                }
                 let (tag, calls, failures) = unpack(self.slot(stripe, bucket).load(Relaxed));
                 if tag == bucket & TAG_MASK {
                     totals.calls += calls;
@@ -314,6 +352,35 @@ mod tests {
         assert_eq!(w.totals(10_001).calls, 2);
         w.reset();
         assert_eq!(w.totals(10_001), Totals::default());
+    }
+
+    /// A tag is the low 20 bits of a bucket's number: what a stripe wrote 2^20 buckets ago
+    /// has the tag of a bucket in the window, and is not a sample of it.
+    #[test]
+    fn a_slot_from_2_pow_20_buckets_ago_is_not_in_the_window() {
+        let lap = 1u64 << 20;
+        let w = TimeWindow::new(1, 10, 2);
+        w.record(0, 5, true);
+        // Stripe 0 has not written since.
+        assert_eq!(w.totals(lap + 5), Totals::default());
+        // Stripe 0 writes again, in another slot, before the bucket of the old failure.
+        w.record(0, lap + 3, false);
+        assert_eq!(
+            w.totals(lap + 5),
+            Totals {
+                calls: 1,
+                failures: 0
+            }
+        );
+        // And after it.
+        w.record(0, lap + 6, false);
+        assert_eq!(
+            w.totals(lap + 6),
+            Totals {
+                calls: 2,
+                failures: 0
+            }
+        );
     }
 
     #[test]
