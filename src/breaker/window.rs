@@ -304,7 +304,11 @@ impl CountWindow {
 
     pub(crate) fn totals(&self) -> Totals {
         let w = self.totals.load(Relaxed);
-        let (calls, failures) = (w >> 32, w & 0xFFFF_FFFF);
+        // A slot's failure may be taken off before the add that put it there is applied:
+        // the failures half is then below zero (as an `i32`), and has borrowed one from the
+        // calls half.
+        let failures = (w as u32 as i32).max(0) as u64;
+        let calls = (w >> 32) + u64::from((w as u32 as i32) < 0);
         // A concurrent swap may be half applied; never report more failures than calls.
         Totals {
             calls,
@@ -399,6 +403,39 @@ mod tests {
                 assert_eq!(w.bucket(n), n / d);
             }
         }
+    }
+
+    /// Thread A writes a failure in a slot and is preempted before adding it to the totals;
+    /// thread B, a lap later, overwrites that slot with a success and takes the failure off
+    /// first. With no other failure in the window, the failures half goes below zero for a
+    /// moment: that is no failure at all, not every call a failure.
+    #[test]
+    fn count_window_totals_survive_a_failure_taken_off_before_it_was_added() {
+        let w = CountWindow::new(4);
+        for _ in 0..4 {
+            w.record(false);
+        }
+        // A: slot 0 becomes a failure (its +1 not applied yet).
+        w.slots[0].store(FAILURE, Relaxed);
+        // B: slot 0 becomes a success again, and its -1 is applied.
+        w.slots[0].store(SUCCESS, Relaxed);
+        w.totals.fetch_add(0u64.wrapping_sub(1), Relaxed);
+        assert_eq!(
+            w.totals(),
+            Totals {
+                calls: 4,
+                failures: 0
+            }
+        );
+        // A's +1 lands.
+        w.totals.fetch_add(1, Relaxed);
+        assert_eq!(
+            w.totals(),
+            Totals {
+                calls: 4,
+                failures: 0
+            }
+        );
     }
 
     #[test]
