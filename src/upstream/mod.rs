@@ -110,7 +110,7 @@
 //! learns it as it is called, which spares every request the allocations of an extension
 //! and of its copy for the retries. Each attempt, a retry's too, is still bounded by what the
 //! deadline leaves, and a gRPC upstream is still told (`grpc-timeout`). The service you wrap
-//! therefore sees no [`RequestDeadline`](crate::deadline::RequestDeadline); pass a layer of
+//! therefore sees no [`RequestDeadline`]; pass a layer of
 //! your own with [`deadline_layer`](UpstreamBuilder::deadline_layer) if it needs one: that
 //! layer behaves as it does alone. A deadline already on the incoming request is honoured
 //! either way.
