@@ -56,6 +56,10 @@ fn defaults_are_valid_and_errors_name_the_field() {
             "breaker.count_window",
         ),
         (
+            CircuitBreakerLayer::builder().idle_timeout(Duration::ZERO),
+            "breaker.idle_timeout",
+        ),
+        (
             CircuitBreakerLayer::builder().time_window(Duration::from_millis(5), 10),
             "breaker.time_window",
         ),
@@ -532,6 +536,53 @@ async fn map_is_bounded_with_idle_eviction_and_overflow() {
     assert!(handle.snapshot("b.test").is_none());
     assert!(handle.snapshot("a.test").is_some());
     assert_eq!(handle.snapshot("c.test").unwrap().calls(), 1);
+}
+
+// Pins: a full map does not evict a circuit still open, however idle: its key would get a
+// closed breaker and send traffic the upstream asked to hold back (`Retry-After`). Once its
+// open time has passed, it may go like any idle key.
+#[tokio::test(start_paused = true)]
+async fn an_open_circuit_is_not_evicted_until_its_time_has_come() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let layer = cfg()
+        .consecutive_failures(1)
+        .max_open_duration(Duration::from_secs(3600))
+        .max_keys(2)
+        .idle_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(upstream(hits.clone()));
+    let mut r = req("a.test", "503");
+    r.headers_mut()
+        .insert("x-retry-after", "600".parse().unwrap());
+    send(&mut svc, r).await.unwrap();
+    assert_eq!(handle.snapshot("a.test").unwrap().state(), State::Open);
+    send(&mut svc, req("b.test", "200")).await.unwrap();
+
+    // A first scan only takes the keys' used marks (`z` shares the overflow breaker); two
+    // minutes later both are idle, `a` the longest, but only the closed `b` makes room.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    send(&mut svc, req("z.test", "200")).await.unwrap();
+    assert!(handle.snapshot("z.test").is_none());
+    tokio::time::advance(Duration::from_secs(120)).await;
+    send(&mut svc, req("c.test", "200")).await.unwrap();
+    assert!(handle.snapshot("b.test").is_none());
+    assert_eq!(handle.snapshot("a.test").unwrap().state(), State::Open);
+    assert_eq!(handle.snapshot("c.test").unwrap().calls(), 1);
+    let before = hits.load(SeqCst);
+    open_err(send(&mut svc, req("a.test", "200")).await);
+    assert_eq!(
+        hits.load(SeqCst),
+        before,
+        "still refused, the upstream untouched"
+    );
+
+    // `a`'s 600 s have passed and it is the idlest: it goes for `d`.
+    tokio::time::advance(Duration::from_secs(600)).await;
+    send(&mut svc, req("d.test", "200")).await.unwrap();
+    assert!(handle.snapshot("a.test").is_none());
+    assert_eq!(handle.snapshot("d.test").unwrap().calls(), 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -249,10 +249,16 @@ impl Registry {
         pin
     }
 
-    /// Evicts the key idle the longest, if it has been idle for at least `idle_timeout`.
+    /// Evicts the key idle the longest, if it has been idle for at least `idle_timeout`. A
+    /// circuit still open is kept, idle or not: evicted, its key would get a closed breaker
+    /// and send traffic the upstream asked (`Retry-After`) or was judged unable to take.
     fn evict_one(&self, master: &mut HashMap<Box<str>, Entry>) -> bool {
         let victim = master
             .iter()
+            .filter(|(_, e)| {
+                let now = e.core.now_ms();
+                e.core.until_probe(now).is_none_or(|left| left.is_zero())
+            })
             .map(|(k, e)| (e.core.idle_for(e.core.now_ms()), k))
             .filter(|(idle, _)| *idle >= self.config.idle_timeout)
             .max_by_key(|(idle, _)| *idle)

@@ -336,7 +336,8 @@ impl Builder {
         self
     }
 
-    /// A key unused this long may be evicted when the map is full. Default 5 minutes.
+    /// A key unused this long may be evicted when the map is full (more than zero). A
+    /// circuit still open is kept until its open time has passed. Default 5 minutes.
     pub fn idle_timeout(mut self, idle: Duration) -> Self {
         self.idle_timeout = idle;
         self
@@ -429,6 +430,13 @@ impl Builder {
             .fold(0u32, |acc, c| acc | 1 << c.as_i32());
         if self.max_keys == 0 {
             return Err(err("breaker.max_keys", "must be at least 1 (got 0)"));
+        }
+        if self.idle_timeout.is_zero() {
+            // Zero would make every key evictable, busy ones too: their state would churn.
+            return Err(err(
+                "breaker.idle_timeout",
+                "must be more than zero (got 0ns)",
+            ));
         }
         let config = Arc::new(Config {
             window: self.window,
