@@ -538,6 +538,32 @@ async fn map_is_bounded_with_idle_eviction_and_overflow() {
     assert_eq!(handle.snapshot("c.test").unwrap().calls(), 1);
 }
 
+// Pins: the breaker reads `Retry-After` as the retry does, an HTTP-date as well as
+// delay-seconds (RFC 9110 §10.2.3): the circuit opens until then (capped).
+#[tokio::test(start_paused = true)]
+async fn retry_after_as_an_http_date_sets_the_open_time() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let layer = cfg()
+        .consecutive_failures(1)
+        .max_open_duration(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(upstream(hits));
+    let at = std::time::SystemTime::now() + Duration::from_secs(600);
+    let mut r = req(UP, "503");
+    r.headers_mut().insert(
+        "x-retry-after",
+        httpdate::fmt_http_date(at).parse().unwrap(),
+    );
+    send(&mut svc, r).await.unwrap();
+    let left = handle.snapshot(UP).unwrap().time_until_probe().unwrap();
+    assert!(
+        left > Duration::from_secs(590) && left <= Duration::from_secs(600),
+        "{left:?}"
+    );
+}
+
 // Pins: a full map does not evict a circuit still open, however idle: its key would get a
 // closed breaker and send traffic the upstream asked to hold back (`Retry-After`). Once its
 // open time has passed, it may go like any idle key.

@@ -17,6 +17,7 @@ use super::listener::{emit, Listener, Reason, State, Transition};
 use super::window::{CountWindow, TimeWindow, Totals, Window};
 use crate::fault::Classifier;
 use crate::grpc;
+use crate::retry::backoff::{pushback, Pushback};
 
 /// What the refusal says while the half-open probes are busy: probes finish within an attempt
 /// timeout, so one second is a fair hint.
@@ -97,7 +98,7 @@ impl Config {
             {
                 if self.grpc_codes & (1 << code.as_i32()) != 0 {
                     return Outcome::Failure {
-                        retry_after: grpc_pushback(resp.headers()),
+                        retry_after: retry_after(resp.headers()),
                     };
                 }
             }
@@ -106,15 +107,14 @@ impl Config {
     }
 }
 
-/// `Retry-After` in delta-seconds (an HTTP date is not parsed).
+/// What the upstream asked for before it is called again, read as the retry reads it:
+/// `grpc-retry-pushback-ms`, or `Retry-After` in delay-seconds or as an HTTP-date (RFC 9110
+/// §10.2.3); nothing when absent or malformed.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
-}
-
-fn grpc_pushback(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(&grpc::GRPC_PUSHBACK)?.to_str().ok()?;
-    v.trim().parse::<u64>().ok().map(Duration::from_millis)
+    match pushback(headers) {
+        Pushback::After(after) => Some(after),
+        Pushback::None | Pushback::Never => None,
+    }
 }
 
 /// How a call ended, as far as the breaker is concerned.

@@ -96,7 +96,7 @@
 //!
 //! [`RequestDeadline`]: crate::deadline::RequestDeadline
 
-mod backoff;
+pub(crate) mod backoff;
 mod budget;
 pub mod future;
 mod layer;
