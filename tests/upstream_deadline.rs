@@ -343,3 +343,30 @@ async fn composed_by_hand_a_retry_is_told_what_is_left() {
     );
     assert_eq!(grpc_code(&res), Some(Code::Ok));
 }
+
+/// The configured deadline header the stack propagates is lowered on every retry to what
+/// the deadline leaves, as `grpc-timeout` is: the upstream is not told the whole time again.
+#[tokio::test(start_paused = true)]
+async fn a_retry_is_told_what_is_left_in_the_deadline_header() {
+    let config: tower_upstream::config::UpstreamConfig = toml::from_str(
+        r#"
+        deadline = { timeout = "10s", header = { name = "request-timeout", unit = "s" } }
+        attempt_timeout.enabled = false
+        "#,
+    )
+    .unwrap();
+    let layer = config.build().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let svc = layer.layer(slow_503s(&[4, 1], 0, seen.clone()));
+
+    let started = tokio::time::Instant::now();
+    let res = svc
+        .oneshot(Request::get("/").body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 504);
+    assert_eq!(started.elapsed(), Duration::from_secs(10));
+    let seen = seen.lock().unwrap().clone();
+    let seen: Vec<_> = seen.iter().map(|v| v.as_deref()).collect();
+    assert_eq!(seen, [Some("10"), Some("6"), Some("5")]);
+}

@@ -283,6 +283,26 @@ impl HeaderUnit {
     }
 }
 
+/// A deadline header the stack propagates, as a later attempt's request carries it.
+pub(crate) type Propagated = (HeaderName, HeaderUnit);
+
+/// Lowers a propagated deadline header in `headers` to what is `left`, when it says more
+/// (a later attempt's copy of the head carries the time the request had at the start).
+/// Never adds the header.
+pub(crate) fn lower_propagated(
+    headers: &mut http::HeaderMap,
+    (name, unit): &Propagated,
+    left: Duration,
+) {
+    if headers
+        .get(name)
+        .and_then(|v| unit.parse(v))
+        .is_some_and(|said| said > left)
+    {
+        headers.insert(name.clone(), unit.encode(left));
+    }
+}
+
 /// What a [`Deadline`] does; made by [`DeadlineBuilder`].
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
@@ -296,6 +316,11 @@ pub(crate) struct Config {
 }
 
 impl Config {
+    /// The header this deadline sets on outgoing requests, if it propagates one.
+    pub(crate) fn propagated(&self) -> Option<Propagated> {
+        self.header.clone().filter(|_| self.propagate)
+    }
+
     fn new(timeout: Duration) -> Self {
         Config {
             timeout: Some(timeout),

@@ -19,7 +19,7 @@ use super::budget::stripe_index;
 use super::policy::{Outcome, RequestHead};
 use super::replay::{lock, ReplayBody, State};
 use super::{Attempts, Config, Policy};
-use crate::deadline::{cover, Due, RequestDeadline};
+use crate::deadline::{cover, lower_propagated, Due, Propagated, RequestDeadline};
 use crate::fault::Fault;
 use crate::grpc;
 use crate::head::HeadCopy;
@@ -151,7 +151,7 @@ where
                         if let Err(e) = ready!(ctx.service.poll_ready(cx)) {
                             return Poll::Ready(Err(e.into()));
                         }
-                        let req = ctx.tries.next_request(ctx.deadline.known());
+                        let req = ctx.tries.next_request(ctx.deadline.known(), None);
                         let fut = {
                             // The layers below read the private deadline while called.
                             let _shared = (!ctx.deadline.is_never())
@@ -387,17 +387,25 @@ impl<B> Tries<B> {
     }
 
     /// The next attempt's request (counted as made). `deadline`: the stack's private one, if
-    /// any (already worked out by the retry decision).
-    pub(crate) fn next_request(&mut self, deadline: Option<Instant>) -> Request<ReplayBody<B>> {
+    /// any (already worked out by the retry decision); `header`: the deadline header the
+    /// stack propagates, if any.
+    pub(crate) fn next_request(
+        &mut self,
+        deadline: Option<Instant>,
+        header: Option<&Propagated>,
+    ) -> Request<ReplayBody<B>> {
         let mut parts = self.head.to_parts();
-        if grpc::is_grpc(&parts.headers) {
+        let grpc = grpc::is_grpc(&parts.headers);
+        if grpc {
             parts.headers.insert(
                 "grpc-previous-rpc-attempts",
                 HeaderValue::from(self.attempts),
             );
-            // The copied head carries the `grpc-timeout` of the time the request had at the
-            // start: the upstream is told only what the deadline leaves (an attempt timeout
-            // below may lower it further; nothing is added where none was propagated).
+        }
+        // The copied head carries the time the request had at the start, in `grpc-timeout`
+        // and the deadline's header: the upstream is told only what the deadline leaves (an
+        // attempt timeout below may lower it further; nothing is added where none was).
+        if grpc || header.is_some() {
             let ext = parts
                 .extensions
                 .get::<RequestDeadline>()
@@ -408,10 +416,13 @@ impl<B> Tries<B> {
             };
             if let Some(at) = deadline {
                 let left = at.saturating_duration_since(Instant::now());
-                if grpc::timeout_of(&parts.headers).is_some_and(|t| t > left) {
+                if grpc && grpc::timeout_of(&parts.headers).is_some_and(|t| t > left) {
                     parts
                         .headers
                         .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(left));
+                }
+                if let Some(header) = header {
+                    lower_propagated(&mut parts.headers, header, left);
                 }
             }
         }

@@ -423,7 +423,9 @@ where
                     };
                     match later.service.poll_ready(cx) {
                         Poll::Ready(Ok(())) => {
-                            let req = later.tries.next_request(run.deadline.known());
+                            let req = later
+                                .tries
+                                .next_request(run.deadline.known(), stack.deadline_header.as_ref());
                             let grpc = run.map_faults.is_grpc();
                             ControlFlow::Continue(attempt(
                                 &mut later.service,

@@ -228,6 +228,8 @@ pub(crate) struct Stack<P> {
     breaker: Option<Arc<breaker::Shared>>,
     attempt: Option<timeout::Config>,
     limit: Option<limit::Limit>,
+    /// The deadline's configured header, when it is propagated: lowered on later attempts.
+    deadline_header: Option<deadline::Propagated>,
 }
 
 /// The concurrency limit's state in one service: as tower's `ConcurrencyLimit` under
@@ -723,6 +725,7 @@ impl<P> UpstreamBuilder<P> {
             breaker: breaker.as_ref().map(|b| b.shared.clone()),
             attempt: attempt_timeout.as_ref().map(AttemptTimeoutLayer::config),
             limit,
+            deadline_header: deadline.as_ref().and_then(|l| l.config().propagated()),
         }));
         Ok(UpstreamLayer {
             map_faults,
