@@ -237,8 +237,9 @@ where
                 }
                 // A sender that trusts `is_end_stream` (hyper does, after each frame) never
                 // polls for the end; without this, a body such as `Full` would look unfinished
-                // and its request could not be retried after a response.
-                if live.is_end_stream() {
+                // and its request could not be retried after a response. Trailers are the
+                // last frame: hyper stops polling (and drops the body) once it sent them.
+                if frame.is_trailers() || live.is_end_stream() {
                     state.end = true;
                     self.live = None;
                 }
@@ -309,6 +310,29 @@ mod tests {
         drop(first);
         let again = ReplayBody::replay(&shared).collect().await.unwrap();
         assert_eq!(again.to_bytes(), "abc");
+    }
+
+    #[tokio::test]
+    async fn a_body_sent_up_to_its_trailers_is_recorded_whole() {
+        // hyper stops polling, and drops the body, once it has sent the trailers: they are
+        // the last frame, whatever `is_end_stream` says (`StreamBody` always says `false`).
+        let mut frames = chunks(2, 10);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", "20".parse().unwrap());
+        frames.push(Ok(Frame::trailers(trailers.clone())));
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let shared = State::new(body, 1024);
+        let mut first = ReplayBody::replay(&shared);
+        for _ in 0..2 {
+            assert!(first.frame().await.unwrap().unwrap().is_data());
+        }
+        let t = first.frame().await.unwrap().unwrap();
+        assert_eq!(t.into_trailers().unwrap(), trailers);
+        drop(first);
+        assert!(lock(&shared).can_replay(true));
+        let again = ReplayBody::replay(&shared).collect().await.unwrap();
+        assert_eq!(again.trailers(), Some(&trailers));
+        assert_eq!(again.to_bytes().len(), 20);
     }
 
     #[tokio::test]
