@@ -223,7 +223,9 @@ where
                         if state.bytes.saturating_add(d.len()) > state.limit {
                             state.spoiled = true;
                             state.recorded = Vec::new();
-                        } else {
+                        } else if !d.is_empty() {
+                            // An empty frame carries nothing to replay, and the limit
+                            // counts bytes: recording it would grow without bound.
                             state.bytes += d.len();
                             state.recorded.push(Recorded::Data(d.clone()));
                         }
@@ -354,6 +356,23 @@ mod tests {
         assert_eq!(all.len(), 40);
         assert_eq!(&all[..10], &[0u8; 10]);
         assert_eq!(&all[30..], &[3u8; 10]);
+    }
+
+    #[tokio::test]
+    async fn empty_frames_take_no_room_in_the_recording() {
+        // The limit counts bytes: frames without any must not grow the recording unbounded.
+        let mut frames: Vec<Result<Frame<Bytes>, std::io::Error>> = (0..100_000)
+            .map(|_| Ok(Frame::data(Bytes::new())))
+            .collect();
+        frames.extend(chunks(1, 10));
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let shared = State::new(body, 1024);
+        let first = ReplayBody::replay(&shared).collect().await.unwrap();
+        assert_eq!(first.to_bytes().len(), 10);
+        assert!(lock(&shared).can_replay(true));
+        assert!(lock(&shared).recorded.len() <= 1);
+        let again = ReplayBody::replay(&shared).collect().await.unwrap();
+        assert_eq!(again.to_bytes(), vec![0u8; 10]);
     }
 
     #[tokio::test]
