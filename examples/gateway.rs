@@ -19,6 +19,8 @@
 //!   `/api`, `/api/x` and `/api?q`, not `/apix`) wins; the prefix is stripped, the rest of the
 //!   path and the query are appended to the route's upstream URL (`http://10.0.0.7/v1` +
 //!   `/api/users?id=7` → `http://10.0.0.7/v1/users?id=7`). No match: 404 from the gateway.
+//!   A path with a `..` segment (which the upstream would resolve out of the base path)
+//!   answers 400.
 //! - **Hop-by-hop headers** (RFC 9110 §7.6.1), in both directions: `Connection` and every
 //!   header it names, `Proxy-Connection`, `Keep-Alive`, `TE` (but `te: trailers` is kept on
 //!   requests, which gRPC needs), `Transfer-Encoding`, `Upgrade`, `Proxy-Authenticate` and
@@ -536,6 +538,12 @@ impl Target {
     /// route's prefix, then its query.
     fn join(&self, prefix: &str, uri: &Uri) -> Result<Uri, &'static str> {
         let path = uri.path();
+        // The upstream resolves `..` (RFC 3986 §5.2.4, `%2e` being `.`): `/api/../admin`
+        // would reach `/admin` there, out of the route's base path, under this route's
+        // stack. Clients remove dot segments before sending; one that did not is refused.
+        if path.split('/').any(is_dot_dot) {
+            return Err("dot segments in the path\n");
+        }
         let rest = if prefix == "/" {
             path
         } else {
@@ -561,6 +569,11 @@ impl Target {
         );
         Uri::from_parts(parts).map_err(|_| "bad request target\n")
     }
+}
+
+/// Whether a path segment is `..`, dots percent-encoded or not.
+fn is_dot_dot(segment: &str) -> bool {
+    segment.len() <= 6 && segment.to_ascii_lowercase().replace("%2e", ".") == ".."
 }
 
 // ---------------------------------------------------------------------------------------

@@ -739,3 +739,55 @@ async fn the_breaker_switch_forces_a_route_open_and_back_at_run_time() {
     .await;
     assert_eq!(res.status(), StatusCode::CONFLICT);
 }
+
+/// Writes `request` to the gateway as raw bytes and reads its answer's head.
+async fn raw_exchange(gw: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(gw).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test]
+async fn dot_dot_segments_are_refused_not_sent_out_of_the_base_path() {
+    let (up, mut rx) = recording(OK).await;
+    let gw = start(&format!(
+        "[[routes]]\nprefix = \"/api\"\nupstream = \"http://{up}/v1\"\n"
+    ))
+    .await;
+    // `/v1/../admin` is `/admin` to the upstream: outside the route's base path.
+    for path in [
+        "/api/../admin",
+        "/api/%2e%2E/admin",
+        "/api/x/.%2e/../admin",
+        "/api/..",
+    ] {
+        let answer = raw_exchange(
+            gw,
+            format!("GET {path} HTTP/1.1\r\nhost: gw\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{path}: {answer}");
+    }
+    assert!(rx.try_recv().is_err(), "nothing reached the upstream");
+    // Dots that are not a whole segment are names like any other.
+    let answer = raw_exchange(gw, b"GET /api/..x/a.. HTTP/1.1\r\nhost: gw\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert_eq!(
+        request_line(&rx.recv().await.unwrap()),
+        "GET /v1/..x/a.. HTTP/1.1"
+    );
+}
