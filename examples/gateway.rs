@@ -20,7 +20,7 @@
 //!   path and the query are appended to the route's upstream URL (`http://10.0.0.7/v1` +
 //!   `/api/users?id=7` → `http://10.0.0.7/v1/users?id=7`). No match: 404 from the gateway.
 //!   A path with a `..` segment (which the upstream would resolve out of the base path)
-//!   answers 400.
+//!   answers 400. `CONNECT` answers 405 (no tunnels), `OPTIONS *` the gateway answers itself.
 //! - **Hop-by-hop headers** (RFC 9110 §7.6.1), in both directions: `Connection` and every
 //!   header it names, `Proxy-Connection`, `Keep-Alive`, `TE` (but `te: trailers` is kept on
 //!   requests, which gRPC needs), `Transfer-Encoding`, `Upgrade`, `Proxy-Authenticate` and
@@ -292,6 +292,24 @@ impl Gateway {
         }
         if path == BREAKER_PATH {
             return self.switch_breaker(&req, peer);
+        }
+        // Only a path is routed: a CONNECT (authority form) would be turned into a tunnel
+        // to the upstream itself, `OPTIONS *` into `OPTIONS <base>*`, and a GET in
+        // authority form into one for the base path.
+        if req.method() == Method::CONNECT {
+            let mut res = text_response(StatusCode::METHOD_NOT_ALLOWED, "no tunnels\n");
+            res.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(ALLOW));
+            return res;
+        }
+        if !path.starts_with('/') {
+            if req.method() == Method::OPTIONS && path == "*" {
+                let mut res = Response::new(Either::Right(Full::new(Bytes::new())));
+                res.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(ALLOW));
+                return res;
+            }
+            return text_response(StatusCode::BAD_REQUEST, "bad request target\n");
         }
         let Some(route) = self.route(path) else {
             return text_response(StatusCode::NOT_FOUND, "no route\n");

@@ -791,3 +791,30 @@ async fn dot_dot_segments_are_refused_not_sent_out_of_the_base_path() {
         "GET /v1/..x/a.. HTTP/1.1"
     );
 }
+
+#[tokio::test]
+async fn connect_and_targets_without_a_path_are_not_forwarded() {
+    let (up, mut rx) = recording(OK).await;
+    let gw = start(&format!(
+        "[[routes]]\nprefix = \"/\"\nupstream = \"http://{up}/v1\"\n"
+    ))
+    .await;
+    // A tunnel request is not rewritten into a tunnel to the upstream.
+    let answer = raw_exchange(
+        gw,
+        b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+    // `OPTIONS *` asks about the server, not about `/v1*`.
+    let answer = raw_exchange(gw, b"OPTIONS * HTTP/1.1\r\nhost: gw\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("\r\nallow: "),
+        "{answer}"
+    );
+    // The authority form is for CONNECT only.
+    let answer = raw_exchange(gw, b"GET example.com:80 HTTP/1.1\r\nhost: gw\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(rx.try_recv().is_err(), "nothing reached the upstream");
+}
