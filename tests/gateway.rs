@@ -818,3 +818,17 @@ async fn connect_and_targets_without_a_path_are_not_forwarded() {
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     assert!(rx.try_recv().is_err(), "nothing reached the upstream");
 }
+
+#[tokio::test]
+async fn headers_named_by_connection_go_even_beside_a_non_ascii_name() {
+    let (up, mut rx) = recording(OK).await;
+    let gw = start(&one_route(up)).await;
+    let answer = raw_exchange(
+        gw,
+        b"GET /x HTTP/1.1\r\nhost: gw\r\nconnection: x-secret, caf\xe9\r\nx-secret: 1\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    let head = rx.recv().await.unwrap();
+    assert!(header_values(&head, "x-secret").is_empty(), "{head}");
+}
