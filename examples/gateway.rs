@@ -419,10 +419,13 @@ impl Route {
         via: &Via,
     ) -> Result<Request<Incoming>, &'static str> {
         let (mut parts, body) = req.into_parts();
-        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            let authority = parts.uri.authority()?;
-            HeaderValue::from_str(authority.as_str()).ok()
-        });
+        // The target's authority first: with an absolute-form target (or HTTP/2's
+        // `:authority`) the received Host is to be ignored (RFC 9112 §3.2.2).
+        let host = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| parts.headers.get(header::HOST).cloned());
         parts.uri = self.target.join(&self.prefix, &parts.uri)?;
         strip_hop_by_hop(&mut parts.headers, Direction::Request);
         parts

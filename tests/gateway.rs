@@ -832,3 +832,22 @@ async fn headers_named_by_connection_go_even_beside_a_non_ascii_name() {
     let head = rx.recv().await.unwrap();
     assert!(header_values(&head, "x-secret").is_empty(), "{head}");
 }
+
+#[tokio::test]
+async fn forwarded_host_of_an_absolute_form_request_is_its_target_authority() {
+    let (up, mut rx) = recording(OK).await;
+    let gw = start(&one_route(up)).await;
+    // RFC 9112 §3.2.2: the target's authority, not the Host field, names the host.
+    let answer = raw_exchange(
+        gw,
+        b"GET http://example.com/x HTTP/1.1\r\nhost: other.example\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    let head = rx.recv().await.unwrap();
+    assert_eq!(
+        header_values(&head, "forwarded"),
+        ["for=127.0.0.1;proto=http;host=example.com"],
+        "{head}"
+    );
+}
