@@ -666,7 +666,7 @@ impl Via {
         let value = |version: &str| {
             HeaderValue::from_str(&format!("{version} {name}"))
                 .ok()
-                .filter(|_| !name.is_empty() && !name.contains([' ', ',', '(', ')']))
+                .filter(|_| !name.is_empty() && name.bytes().all(is_tchar))
                 .ok_or_else(|| {
                     format!("{name:?} is not a valid Via pseudonym (a token, no spaces)")
                 })

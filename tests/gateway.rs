@@ -851,3 +851,19 @@ async fn forwarded_host_of_an_absolute_form_request_is_its_target_authority() {
         "{head}"
     );
 }
+
+#[test]
+fn a_name_that_is_not_a_token_is_an_error_of_name() {
+    // Via's received-by is a token (RFC 9110 §7.6.3): `1.1 gw/2` or `1.1 gw"x` is not a
+    // Via value; a tab passed here and failed later as the route's gateway_name.
+    for name in ["gw/2", "gw\\\"x", "gw;x", "a\\tb"] {
+        let toml = format!(
+            "name = \"{name}\"\n[[routes]]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\n"
+        );
+        let config = Config::from_toml(&toml).unwrap();
+        for mode in [Mode::Full, Mode::Bare] {
+            let err = Gateway::new(&config, mode).unwrap_err();
+            assert_eq!(err.field(), "name", "{name:?} {mode:?}: {err}");
+        }
+    }
+}
