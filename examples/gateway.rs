@@ -348,7 +348,8 @@ impl Gateway {
     /// route's status. Only `POST`, and only from a loopback address: the gateway has no
     /// authentication, so the switch is for someone on its host.
     fn switch_breaker<B>(&self, req: &Request<B>, peer: SocketAddr) -> Response<Body> {
-        if !peer.ip().is_loopback() {
+        // Canonical: on a dual-stack listener 127.0.0.1 arrives as ::ffff:127.0.0.1.
+        if !peer.ip().to_canonical().is_loopback() {
             return text_response(StatusCode::FORBIDDEN, "only from the gateway's host\n");
         }
         if req.method() != Method::POST {
@@ -1054,6 +1055,26 @@ mod tests {
         let local = SocketAddr::from(([127, 0, 0, 1], 4000));
         assert_eq!(gw.switch_breaker(&req, local).status(), StatusCode::OK);
         assert_eq!(gw.status()["routes"][0]["breaker"]["mode"], "forced_open");
+    }
+
+    #[test]
+    fn the_breaker_switch_accepts_ipv4_loopback_on_a_dual_stack_listener() {
+        let config =
+            Config::from_toml("[[routes]]\nprefix = \"/api\"\nupstream = \"http://127.0.0.1:9\"\n")
+                .unwrap();
+        let gw = Gateway::new(&config, Mode::Full).unwrap();
+        let req = Request::post(format!("{BREAKER_PATH}?route=/api&mode=forced_open"))
+            .body(())
+            .unwrap();
+        // 127.0.0.1 as a `[::]` listener sees it.
+        let mapped = SocketAddr::from(([0, 0, 0, 0, 0, 0xffff, 0x7f00, 0x0001], 4000));
+        assert_eq!(gw.switch_breaker(&req, mapped).status(), StatusCode::OK);
+        // A mapped address off the host is still refused.
+        let remote = SocketAddr::from(([0, 0, 0, 0, 0, 0xffff, 0xc000, 0x0207], 4000));
+        assert_eq!(
+            gw.switch_breaker(&req, remote).status(),
+            StatusCode::FORBIDDEN
+        );
     }
 
     #[test]
