@@ -593,9 +593,20 @@ impl Target {
     }
 }
 
-/// Whether a path segment is `..`, dots percent-encoded or not.
+/// Whether a path segment is `..`, dots percent-encoded or not (no allocation: it runs on
+/// every segment of every request).
 fn is_dot_dot(segment: &str) -> bool {
-    segment.len() <= 6 && segment.to_ascii_lowercase().replace("%2e", ".") == ".."
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => tail,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    dots == 2
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1055,6 +1066,18 @@ mod tests {
         let local = SocketAddr::from(([127, 0, 0, 1], 4000));
         assert_eq!(gw.switch_breaker(&req, local).status(), StatusCode::OK);
         assert_eq!(gw.status()["routes"][0]["breaker"]["mode"], "forced_open");
+    }
+
+    #[test]
+    fn dot_dot_segments_in_every_spelling() {
+        for yes in ["..", "%2e%2e", "%2E.", ".%2e"] {
+            assert!(is_dot_dot(yes), "{yes}");
+        }
+        for no in [
+            "", ".", "...", "..x", "a..", "%2e", "%2", "%2e%2", "%2f..", "hello",
+        ] {
+            assert!(!is_dot_dot(no), "{no}");
+        }
     }
 
     #[test]
