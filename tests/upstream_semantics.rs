@@ -734,6 +734,39 @@ async fn a_panic_in_the_inner_call_frees_the_permit() -> Result<(), BoxError> {
     Ok(())
 }
 
+// Pins: composed by hand, an attempt whose deadline is spent before the `AttemptTimeout`
+// below the breaker could send it is not a breaker sample: nothing reached the upstream.
+#[tokio::test(start_paused = true)]
+async fn composed_by_hand_a_spent_deadline_is_not_counted() -> Result<(), BoxError> {
+    let log = Log::default();
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .build()?;
+    let handle = breaker.handle();
+    let svc = tower::ServiceBuilder::new()
+        .layer(RetryLayer::new())
+        .layer(breaker)
+        .layer(tower_upstream::AttemptTimeoutLayer::new(
+            Duration::from_secs(5),
+        ))
+        .service(scripted(&log, |_| Act::Status(200)));
+    for _ in 0..3 {
+        let mut req = get("/");
+        req.extensions_mut()
+            .insert(tower_upstream::RequestDeadline::at(Instant::now()));
+        let err = svc.clone().oneshot(req).await.unwrap_err();
+        let exceeded = err
+            .downcast_ref::<tower_upstream::deadline::DeadlineExceeded>()
+            .expect("the deadline's error");
+        assert!(exceeded.is_before_start());
+    }
+    assert_eq!(log.count(), 0, "nothing was sent");
+    assert_eq!(breaker_counts(&handle), (State::Closed, 0, 0));
+    let res = svc.oneshot(get("/")).await?;
+    assert_eq!(res.status(), StatusCode::OK);
+    Ok(())
+}
+
 // Pins: a call that `poll_ready` did not precede holds no place under the limit, so it is
 // shed (503 `connection_limit_reached`, the service below not called), as tower's
 // `LoadShed` sheds it: it is never let past the limit. A later `poll_ready` takes a place.

@@ -58,7 +58,8 @@ impl Permit {
 impl Permit {
     /// Counts an attempt's result: a response as the breaker's configuration classifies
     /// it; an error as a failure, unless it is a local rejection (circuit open, shed) or a
-    /// deadline the caller set ([`DeadlineExceeded::is_from_caller`]), which say nothing
+    /// deadline the caller set ([`DeadlineExceeded::is_from_caller`]) or one spent before
+    /// the attempt was sent ([`DeadlineExceeded::is_before_start`]), which say nothing
     /// about the upstream. `grpc`: whether the request may have a gRPC
     /// answer, whose `grpc-status` is read (`false` spares the lookup in every response to
     /// a request known not to be gRPC).
@@ -69,7 +70,7 @@ impl Permit {
             Ok(resp) => config.response_outcome(resp, grpc),
             Err(e) => {
                 let c = config.classifier.classify(&**e);
-                if c.fault().is_local_rejection() || cut_by_caller(&**e) {
+                if c.fault().is_local_rejection() || not_a_sample(&**e) {
                     Outcome::Ignored
                 } else {
                     Outcome::Failure {
@@ -82,13 +83,13 @@ impl Permit {
     }
 }
 
-/// Whether `error` is a deadline the caller set, which passed: an attempt it cut short is not
-/// a sample of the upstream's health.
+/// Whether `error` is a deadline that says nothing of the upstream's health: one the caller
+/// set, which cut the attempt short, or one spent before the attempt was sent.
 #[cold]
-fn cut_by_caller(error: &(dyn std::error::Error + 'static)) -> bool {
+fn not_a_sample(error: &(dyn std::error::Error + 'static)) -> bool {
     error
         .downcast_ref::<DeadlineExceeded>()
-        .is_some_and(DeadlineExceeded::is_from_caller)
+        .is_some_and(|e| e.is_from_caller() || e.is_before_start())
 }
 
 impl Drop for Permit {
