@@ -241,3 +241,95 @@ async fn stack_on_a_tonic_server() {
         .expect("the server's calls went through the layer's breaker");
     assert_eq!(snapshot.calls(), 2);
 }
+
+/// Sends one gRPC request straight to `channel` through `MapFaults`; returns the
+/// classification of the channel's own error and the answer's `Proxy-Status` and
+/// `grpc-status`.
+async fn channel_fault(
+    channel: tonic::transport::Channel,
+    uri: &str,
+) -> (tower_upstream::fault::Classification, String, String) {
+    use tower::ServiceExt;
+    let req = || {
+        http::Request::builder()
+            .uri(uri)
+            .header("content-type", "application/grpc")
+            .body(tonic::body::Body::empty())
+            .unwrap()
+    };
+    let err = within(channel.clone().oneshot(req()))
+        .await
+        .unwrap()
+        .unwrap_err();
+    let c = tower_upstream::fault::classify(&err);
+    let layer = tower_upstream::MapFaultsLayer::builder()
+        .gateway_name("gw")
+        .build()
+        .unwrap();
+    let res = within(layer.layer(channel).oneshot(req()))
+        .await
+        .unwrap()
+        .unwrap();
+    let header = |name: &str| res.headers()[name].to_str().unwrap().to_owned();
+    (c, header("proxy-status"), header("grpc-status"))
+}
+
+/// A tonic `Channel` reports its connector's failures wrapped in `tonic::ConnectError`: a
+/// name that does not resolve is `dns_error` and was not sent, as through a hyper-util client.
+#[tokio::test]
+async fn a_channel_to_a_name_that_does_not_resolve_is_a_dns_error() {
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use tower_upstream::fault::{Fault, Sent};
+    let channel = tonic::transport::Endpoint::from_static("http://upstream.invalid:50051")
+        .connect_with_connector_lazy(HttpConnector::new_with_resolver(support::local_resolver()));
+    let (c, proxy_status, grpc_status) = channel_fault(
+        channel,
+        "http://upstream.invalid:50051/hello.Greeter/SayHello",
+    )
+    .await;
+    assert_eq!((c.fault(), c.sent()), (Fault::DnsError, Sent::NotSent));
+    assert_eq!(proxy_status, "gw; error=dns_error");
+    assert_eq!(grpc_status, "14");
+}
+
+/// A tonic `Channel` whose connect times out (`Endpoint::connect_timeout` sets the
+/// `HttpConnector`'s) is `connection_timeout`, not sent; not a response timeout.
+#[tokio::test]
+async fn a_channel_whose_connect_times_out_is_a_connection_timeout() {
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use tower_upstream::fault::{Fault, Sent};
+    // A listener whose accept queue is full drops further SYNs, so connecting hangs.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break,
+        }
+    }
+    // What `Endpoint::connect_lazy` builds for `connect_timeout(300ms)`.
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_millis(300)));
+    let uri = format!("http://{addr}");
+    let channel = tonic::transport::Endpoint::from_shared(uri.clone())
+        .unwrap()
+        .connect_with_connector_lazy(http);
+    let (c, proxy_status, grpc_status) =
+        channel_fault(channel, &format!("{uri}/hello.Greeter/SayHello")).await;
+    assert_eq!(
+        (c.fault(), c.sent()),
+        (Fault::ConnectionTimeout, Sent::NotSent)
+    );
+    assert_eq!(proxy_status, "gw; error=connection_timeout");
+    assert_eq!(grpc_status, "4");
+    drop((listener, fillers));
+}

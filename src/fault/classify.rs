@@ -109,7 +109,8 @@ enum Step {
 ///   (connect errors, DNS failures, connect timeouts) and `h2::Error` (`REFUSED_STREAM` and a
 ///   peer's `GOAWAY` mean the request was not processed);
 /// - with the `tonic` feature: `tonic::Status` (by code, when its source says nothing
-///   more) and `tonic::transport::Error`;
+///   more), `tonic::transport::Error` and `tonic::ConnectError` (a `Channel`'s connect
+///   errors: not sent);
 /// - with the `rustls` feature: `rustls::Error` (certificate problems are
 ///   `tls_certificate_error`, the rest `tls_protocol_error`).
 ///
@@ -356,6 +357,12 @@ mod tonic_support {
     pub(super) fn step(e: &(dyn StdError + 'static), ctx: &mut Context) -> Option<Step> {
         if e.is::<tonic::transport::Error>() {
             // "transport error": its source says what happened.
+            return Some(Step::Next);
+        }
+        if e.is::<tonic::ConnectError>() {
+            // A `Channel`'s connector failed (DNS, connect, connect timeout, TLS): nothing
+            // was sent, and its source names the fault as under a hyper-util connect error.
+            ctx.connect = true;
             return Some(Step::Next);
         }
         let status = e.downcast_ref::<tonic::Status>()?;
