@@ -311,8 +311,9 @@ mod hyper_support {
     }
 
     fn h2_error(err: &h2::Error, ctx: &mut Context) -> Step {
-        if err.is_io() {
-            return Step::Next;
+        if let Some(io) = err.get_io() {
+            // h2::Error has no source(): look at the io::Error it holds.
+            return super::io_error(io, ctx);
         }
         if err.is_go_away() && err.is_remote() {
             // h2 fails a stream with the peer's GOAWAY only when its id is above the peer's
@@ -578,6 +579,34 @@ mod tests {
             Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)),
         );
         assert_eq!(classify(&wrapped).sent(), Sent::NotSent);
+    }
+
+    /// An HTTP/2 stream whose connection went away under it fails with an `h2::Error` that
+    /// holds an `io::Error` and has no `source()`: still `connection_terminated`.
+    #[cfg(feature = "hyper")]
+    #[tokio::test]
+    async fn h2_stream_on_a_closed_connection_is_terminated() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            // Take the request, then drop the connection without answering.
+            let _req = conn.accept().await.unwrap().unwrap();
+        });
+        let (send, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let mut send = send.ready().await.unwrap();
+        let (res, _) = send
+            .send_request(http::Request::get("http://up/").body(()).unwrap(), true)
+            .unwrap();
+        server.await.unwrap();
+        let err = res.await.unwrap_err();
+        assert!(err.is_io(), "{err:?}");
+        let c = classify(&err);
+        assert_eq!(
+            (c.fault(), c.sent()),
+            (Fault::ConnectionTerminated, Sent::MaybeProcessed),
+            "{err:?}"
+        );
     }
 
     #[cfg(feature = "tonic")]
