@@ -333,3 +333,30 @@ async fn a_channel_whose_connect_times_out_is_a_connection_timeout() {
     assert_eq!(grpc_status, "4");
     drop((listener, fillers));
 }
+
+/// A tonic `Channel` whose own timeout fires (`Endpoint::timeout`, or the `grpc-timeout` the
+/// stack's attempt timeout puts on the request) fails with `tonic::TimeoutExpired`: a
+/// response timeout, 504 / `DEADLINE_EXCEEDED`, not an unclassified error.
+#[tokio::test]
+async fn a_channel_whose_timeout_fires_is_a_response_timeout() {
+    use tower_upstream::fault::{Fault, Sent};
+    // An upstream that accepts and never answers.
+    let addr = support::raw_upstream(|s| async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(s);
+    })
+    .await;
+    let uri = format!("http://{addr}");
+    let channel = tonic::transport::Endpoint::from_shared(uri.clone())
+        .unwrap()
+        .timeout(Duration::from_millis(200))
+        .connect_lazy();
+    let (c, proxy_status, grpc_status) =
+        channel_fault(channel, &format!("{uri}/hello.Greeter/SayHello")).await;
+    assert_eq!(
+        (c.fault(), c.sent()),
+        (Fault::HttpResponseTimeout, Sent::MaybeProcessed)
+    );
+    assert_eq!(proxy_status, "gw; error=http_response_timeout");
+    assert_eq!(grpc_status, "4");
+}

@@ -109,8 +109,8 @@ enum Step {
 ///   (connect errors, DNS failures, connect timeouts) and `h2::Error` (`REFUSED_STREAM` and a
 ///   peer's `GOAWAY` mean the request was not processed);
 /// - with the `tonic` feature: `tonic::Status` (by code, when its source says nothing
-///   more), `tonic::transport::Error` and `tonic::ConnectError` (a `Channel`'s connect
-///   errors: not sent);
+///   more), `tonic::transport::Error`, `tonic::ConnectError` (a `Channel`'s connect
+///   errors: not sent) and `tonic::TimeoutExpired` (a `Channel`'s timeout);
 /// - with the `rustls` feature: `rustls::Error` (certificate problems are
 ///   `tls_certificate_error`, the rest `tls_protocol_error`).
 ///
@@ -359,6 +359,10 @@ mod tonic_support {
         if e.is::<tonic::transport::Error>() {
             // "transport error": its source says what happened.
             return Some(Step::Next);
+        }
+        if e.is::<tonic::TimeoutExpired>() {
+            // A `Channel`'s own timer (`Endpoint::timeout` or the request's `grpc-timeout`).
+            return Some(Step::Done(super::timed_out(ctx)));
         }
         if e.is::<tonic::ConnectError>() {
             // A `Channel`'s connector failed (DNS, connect, connect timeout, TLS): nothing
