@@ -421,7 +421,9 @@ impl View<'_> {
 
 /// Whole seconds, rounded up (`Retry-After` takes delay-seconds).
 fn whole_seconds_up(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    // Saturating: `Duration::MAX` (a hand-made `CircuitOpen`, a classifier's rule) must not
+    // overflow (a panic in debug builds, `Retry-After: 0` in release ones).
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
 /// The error chain as one line, for logs and (when exposed) for clients.
@@ -544,6 +546,7 @@ mod tests {
         assert_eq!(whole_seconds_up(Duration::from_millis(1)), 1);
         assert_eq!(whole_seconds_up(Duration::from_millis(1000)), 1);
         assert_eq!(whole_seconds_up(Duration::from_millis(4001)), 5);
+        assert_eq!(whole_seconds_up(Duration::MAX), u64::MAX);
     }
 
     #[test]
