@@ -356,6 +356,19 @@ async fn idle_body_fails_instead_of_ending() {
     assert!(body.frame().await.unwrap().is_err());
 }
 
+#[tokio::test(start_paused = true)]
+async fn huge_body_idle_timeout_does_not_panic() {
+    // `Duration::MAX` means "no idle limit": the body must not panic computing its timer.
+    let svc = ServiceBuilder::new()
+        .layer(ResponseBodyTimeoutLayer::new(Duration::MAX))
+        .service(service_fn(|_: Request<()>| async {
+            Ok::<_, BoxError>(Response::new(slow_body(&[500, 500], false)))
+        }));
+    let body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+    let collected = body.collect().await.unwrap().to_bytes();
+    assert_eq!(collected, "xx");
+}
+
 /// A gateway connection: an HTTP/1 server whose responses have a stalling body under a 1 s
 /// idle timeout.
 async fn serve_stalling(stream: tokio::net::TcpStream) {

@@ -50,6 +50,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::error::Elapsed;
+use crate::deadline::saturating_add;
 use crate::BoxError;
 
 /// Applies [`ResponseBodyTimeout`] to services. See the [module docs](self).
@@ -212,7 +213,7 @@ where
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         if !*this.armed {
-            let at = Instant::now() + *this.idle;
+            let at = saturating_add(Instant::now(), *this.idle);
             match this.sleep.as_mut().as_pin_mut() {
                 Some(sleep) => sleep.reset(at),
                 None => this.sleep.set(Some(sleep_until(at))),
