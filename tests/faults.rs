@@ -139,30 +139,13 @@ async fn dns_failure() {
 
 #[tokio::test]
 async fn connect_timeout() {
-    // A listener whose accept queue is full drops further SYNs, so connecting hangs.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(1).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        match tokio::time::timeout(
-            Duration::from_millis(200),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
-            Ok(Ok(s)) => fillers.push(s),
-            _ => break,
-        }
-    }
+    let (addr, _full) = unconnectable().await;
     let client = client_with(|c| c.set_connect_timeout(Some(Duration::from_millis(300))));
     let (status, error) = through_gateway(client, &format!("http://{addr}/")).await;
     assert_eq!(
         (status.as_u16(), error.as_str()),
         (504, "connection_timeout")
     );
-    drop((listener, fillers));
 }
 
 #[tokio::test]

@@ -298,23 +298,7 @@ async fn a_channel_to_a_name_that_does_not_resolve_is_a_dns_error() {
 async fn a_channel_whose_connect_times_out_is_a_connection_timeout() {
     use hyper_util::client::legacy::connect::HttpConnector;
     use tower_upstream::fault::{Fault, Sent};
-    // A listener whose accept queue is full drops further SYNs, so connecting hangs.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(1).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        match tokio::time::timeout(
-            Duration::from_millis(200),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
-            Ok(Ok(s)) => fillers.push(s),
-            _ => break,
-        }
-    }
+    let (addr, _full) = support::unconnectable().await;
     // What `Endpoint::connect_lazy` builds for `connect_timeout(300ms)`.
     let mut http = HttpConnector::new();
     http.enforce_http(false);
@@ -331,7 +315,6 @@ async fn a_channel_whose_connect_times_out_is_a_connection_timeout() {
     );
     assert_eq!(proxy_status, "gw; error=connection_timeout");
     assert_eq!(grpc_status, "4");
-    drop((listener, fillers));
 }
 
 /// A tonic `Channel` whose own timeout fires (`Endpoint::timeout`, or the `grpc-timeout` the

@@ -109,16 +109,9 @@ async fn a_deadline_layer_passed_in_keeps_its_extension() {
         .attempt_timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let (seen, res) = two_attempts(layer, Duration::from_millis(100)).await;
-
-    assert_eq!(seen.len(), 2, "{seen:?}");
-    assert!(seen.iter().all(|s| s.extension), "{seen:?}");
-    let second = seen[1].grpc_timeout.unwrap();
-    assert!(
-        second <= Duration::from_millis(900) && second >= Duration::from_millis(875),
-        "{second:?}"
-    );
-    assert_eq!(grpc_code(&res), Some(Code::Ok));
+    let run = two_attempts(layer, Duration::from_millis(100)).await;
+    assert!(run.0.iter().all(|s| s.extension), "{:?}", run.0);
+    told_what_is_left(&run, Duration::from_millis(100));
 }
 
 /// Inside `Upstream`, the attempt timeout learns from the stack that the request is gRPC (it
@@ -265,19 +258,25 @@ async fn a_plain_requests_deadline_is_worked_out_once() {
     }
 }
 
+/// The stack from a configuration file, with a deadline of `timeout` capped and propagated
+/// by a `request-timeout` header (in seconds), and no attempt timeout.
+fn with_deadline_header(timeout: &str) -> UpstreamLayer {
+    let config: tower_upstream::config::UpstreamConfig = toml::from_str(&format!(
+        r#"
+        deadline = {{ timeout = "{timeout}", header = {{ name = "request-timeout", unit = "s" }} }}
+        attempt_timeout.enabled = false
+        "#
+    ))
+    .unwrap();
+    config.build().unwrap()
+}
+
 /// A configured deadline header on a plain HTTP request (configuration file: the deadline
 /// travels without an extension): it caps the deadline, is propagated with the time the
 /// deadline gives, and ends the request in time.
 #[tokio::test(start_paused = true)]
 async fn a_deadline_header_caps_and_propagates_on_a_plain_request() {
-    let config: tower_upstream::config::UpstreamConfig = toml::from_str(
-        r#"
-        deadline = { timeout = "30s", header = { name = "request-timeout", unit = "s" } }
-        attempt_timeout.enabled = false
-        "#,
-    )
-    .unwrap();
-    let layer = config.build().unwrap();
+    let layer = with_deadline_header("30s");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let svc = layer.layer(slow_503s(&[], 0, seen.clone()));
 
@@ -312,17 +311,22 @@ async fn without_attempt_timeout_a_retry_is_told_what_is_left() {
         .no_attempt_timeout()
         .build()
         .unwrap();
-    let (seen, res) = two_attempts(layer, Duration::from_millis(300)).await;
+    let run = two_attempts(layer, Duration::from_millis(300)).await;
+    assert_eq!(run.0[0].grpc_timeout, Some(Duration::from_secs(1)));
+    told_what_is_left(&run, Duration::from_millis(300));
+}
 
+/// With a 1 s deadline and a first attempt of `first`: the retry (after a backoff of at most
+/// 25 ms) is told what is left, and it succeeds.
+fn told_what_is_left((seen, res): &(Vec<Seen>, Response<()>), first: Duration) {
     assert_eq!(seen.len(), 2, "{seen:?}");
-    assert_eq!(seen[0].grpc_timeout, Some(Duration::from_secs(1)));
-    // The retry starts after 300 ms and a backoff of at most 25 ms.
+    let left = Duration::from_secs(1) - first;
     let second = seen[1].grpc_timeout.unwrap();
     assert!(
-        second <= Duration::from_millis(700) && second >= Duration::from_millis(675),
+        second <= left && second >= left - Duration::from_millis(25),
         "{second:?}"
     );
-    assert_eq!(grpc_code(&res), Some(Code::Ok));
+    assert_eq!(grpc_code(res), Some(Code::Ok));
 }
 
 /// The same composed by hand, with no attempt timeout: the retry tells the upstream what the
@@ -332,30 +336,16 @@ async fn composed_by_hand_a_retry_is_told_what_is_left() {
     let layer = ServiceBuilder::new()
         .layer(DeadlineLayer::new(Duration::from_secs(1)))
         .layer(RetryLayer::new());
-    let (seen, res) = two_attempts_through(layer, Duration::from_millis(300)).await;
-
-    assert_eq!(seen.len(), 2, "{seen:?}");
-    assert_eq!(seen[0].grpc_timeout, Some(Duration::from_secs(1)));
-    let second = seen[1].grpc_timeout.unwrap();
-    assert!(
-        second <= Duration::from_millis(700) && second >= Duration::from_millis(675),
-        "{second:?}"
-    );
-    assert_eq!(grpc_code(&res), Some(Code::Ok));
+    let run = two_attempts_through(layer, Duration::from_millis(300)).await;
+    assert_eq!(run.0[0].grpc_timeout, Some(Duration::from_secs(1)));
+    told_what_is_left(&run, Duration::from_millis(300));
 }
 
 /// The configured deadline header the stack propagates is lowered on every retry to what
 /// the deadline leaves, as `grpc-timeout` is: the upstream is not told the whole time again.
 #[tokio::test(start_paused = true)]
 async fn a_retry_is_told_what_is_left_in_the_deadline_header() {
-    let config: tower_upstream::config::UpstreamConfig = toml::from_str(
-        r#"
-        deadline = { timeout = "10s", header = { name = "request-timeout", unit = "s" } }
-        attempt_timeout.enabled = false
-        "#,
-    )
-    .unwrap();
-    let layer = config.build().unwrap();
+    let layer = with_deadline_header("10s");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let svc = layer.layer(slow_503s(&[4, 1], 0, seen.clone()));
 

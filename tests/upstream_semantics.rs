@@ -283,20 +283,37 @@ async fn a_pushback_past_the_deadline_returns_the_upstream_answer() -> Result<()
 }
 
 /// An inner service whose first instance is ready and answers 503 at once, and whose clones
-/// (the retry keeps one for its later attempts) never become ready, or fail to.
+/// (the retry keeps one for its later attempts) get ready as `Then` says.
 struct FirstReadyOnly {
     calls: Arc<AtomicUsize>,
     clone: bool,
-    fail: bool,
+    then: Then,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// What a clone of [`FirstReadyOnly`] does when polled ready.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Never gets ready (and never wakes: only a timer above can end the wait).
+    Never,
+    /// Fails to.
+    Fail,
+    /// Gets ready at this instant.
+    At(Instant),
 }
 
 impl FirstReadyOnly {
     fn new(fail: bool) -> (Self, Arc<AtomicUsize>) {
+        Self::then(if fail { Then::Fail } else { Then::Never })
+    }
+
+    fn then(then: Then) -> (Self, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
         let svc = FirstReadyOnly {
             calls: calls.clone(),
             clone: false,
-            fail,
+            then,
+            sleep: None,
         };
         (svc, calls)
     }
@@ -304,10 +321,15 @@ impl FirstReadyOnly {
 
 impl Clone for FirstReadyOnly {
     fn clone(&self) -> Self {
+        let sleep = match self.then {
+            Then::At(at) => Some(Box::pin(tokio::time::sleep_until(at))),
+            Then::Never | Then::Fail => None,
+        };
         FirstReadyOnly {
             calls: self.calls.clone(),
             clone: true,
-            fail: self.fail,
+            then: self.then,
+            sleep,
         }
     }
 }
@@ -317,12 +339,15 @@ impl<B> Service<Request<ReplayBody<B>>> for FirstReadyOnly {
     type Error = BoxError;
     type Future = std::future::Ready<Result<Response<Full<Bytes>>, BoxError>>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        match (self.clone, self.fail) {
-            (false, _) => Poll::Ready(Ok(())),
-            // Never woken: only a timer above can end the wait.
-            (true, false) => Poll::Pending,
-            (true, true) => Poll::Ready(Err(std::io::Error::other("pool closed").into())),
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if !self.clone {
+            return Poll::Ready(Ok(()));
+        }
+        match (self.then, &mut self.sleep) {
+            (Then::Never, _) => Poll::Pending,
+            (Then::Fail, _) => Poll::Ready(Err(std::io::Error::other("pool closed").into())),
+            (Then::At(_), Some(sleep)) => std::future::Future::poll(sleep.as_mut(), cx).map(Ok),
+            (Then::At(_), None) => Poll::Ready(Ok(())),
         }
     }
 
@@ -1135,45 +1160,6 @@ async fn without_its_deadline_the_stack_still_does_not_count_the_callers() -> Re
     Ok(())
 }
 
-/// An inner service answering 503 at once, whose clones become ready only at `ready_at`.
-struct ReadyAt {
-    calls: Arc<AtomicUsize>,
-    ready_at: Instant,
-    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl Clone for ReadyAt {
-    fn clone(&self) -> Self {
-        ReadyAt {
-            calls: self.calls.clone(),
-            ready_at: self.ready_at,
-            sleep: Some(Box::pin(tokio::time::sleep_until(self.ready_at))),
-        }
-    }
-}
-
-impl<B> Service<Request<ReplayBody<B>>> for ReadyAt {
-    type Response = Response<Full<Bytes>>;
-    type Error = BoxError;
-    type Future = std::future::Ready<Result<Response<Full<Bytes>>, BoxError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        match &mut self.sleep {
-            None => Poll::Ready(Ok(())),
-            Some(sleep) => std::future::Future::poll(sleep.as_mut(), cx).map(Ok),
-        }
-    }
-
-    fn call(&mut self, _req: Request<ReplayBody<B>>) -> Self::Future {
-        self.calls.fetch_add(1, SeqCst);
-        let rsp = Response::builder()
-            .status(StatusCode::SERVICE_UNAVAILABLE)
-            .body(Full::default())
-            .unwrap();
-        std::future::ready(Ok(rsp))
-    }
-}
-
 // A retry whose service gets ready only as the deadline passes is not sent (the deadline is
 // spent before it starts), and the breaker does not count what never reached the upstream:
 // only the first attempt's 503 is a sample.
@@ -1183,12 +1169,7 @@ async fn a_retry_spent_before_it_starts_is_not_a_breaker_sample() -> Result<(), 
         .deadline(Duration::from_secs(1))
         .build()?;
     let handle = layer.breaker_handle().unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let inner = ReadyAt {
-        calls: calls.clone(),
-        ready_at: Instant::now() + Duration::from_secs(1),
-        sleep: None,
-    };
+    let (inner, calls) = FirstReadyOnly::then(Then::At(Instant::now() + Duration::from_secs(1)));
     let svc = layer.layer(inner);
 
     let started = Instant::now();

@@ -128,6 +128,31 @@ pub async fn closed_port() -> SocketAddr {
     addr
 }
 
+/// An address on 127.0.0.1 where connecting hangs: a listener whose accept queue is full
+/// drops further SYNs. The queue stays full while the returned listener and connections live.
+pub async fn unconnectable() -> (
+    SocketAddr,
+    (tokio::net::TcpListener, Vec<tokio::net::TcpStream>),
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break,
+        }
+    }
+    (addr, (listener, fillers))
+}
+
 /// Serves `svc` over HTTP/1.1 and h2c (prior knowledge) on 127.0.0.1; returns the address.
 pub async fn serve<S, B>(svc: S) -> SocketAddr
 where
