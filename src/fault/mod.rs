@@ -235,7 +235,8 @@ impl Fault {
     }
 
     /// A short, fixed, client-safe sentence describing the fault (no host names, addresses
-    /// or error text). Used as the problem `title` and the default `grpc-message`.
+    /// or error text). Used as the problem's `detail` (its `title` is the status's reason
+    /// phrase) and the default `grpc-message`.
     pub const fn title(self) -> &'static str {
         match self {
             Fault::DnsError => "upstream name did not resolve",
