@@ -201,7 +201,8 @@ pub struct RetryConfig {
     /// `grpc-status` codes retried for idempotent calls (default `["UNAVAILABLE"]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_codes: Option<Vec<Code>>,
-    /// Treat every gRPC call as idempotent (default false).
+    /// Retry the `grpc_codes` for every gRPC call, marked idempotent or not (default false);
+    /// errors that may have reached the upstream are still retried for idempotent calls only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_all_grpc_calls: Option<bool>,
 }
