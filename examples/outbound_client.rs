@@ -4,8 +4,8 @@
 //! - the orders API answers `503` to two calls of every three: the stack's retries turn
 //!   that into a `200` for the handler;
 //! - the stock API is down (connection refused): the handler gets the stack's `502`;
-//! - the shipping API hangs: the handler gets the stack's `504` when the 1 s deadline is
-//!   spent.
+//! - the shipping API hangs: the handler gets the stack's `504` once its three 250 ms
+//!   attempts have timed out, within the 1 s deadline.
 //!
 //! ```text
 //! cargo run --example outbound_client
