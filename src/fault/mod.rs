@@ -88,8 +88,9 @@ pub enum Fault {
     TlsProtocolError,
     /// `tls_certificate_error`: the upstream's certificate was rejected. 502, not sent.
     TlsCertificateError,
-    /// `http_response_incomplete`: the upstream closed the connection in the middle of its
-    /// response head. 502, maybe processed.
+    /// `http_response_incomplete`: the upstream closed the connection before its response
+    /// head was complete (in the middle of it, or, as hyper reports it, before any of it).
+    /// 502, maybe processed.
     HttpResponseIncomplete,
     /// `http_protocol_error`: the upstream's response was malformed (bad status line, bad
     /// header, bad or conflicting length, HTTP/0.9, HTTP/2 protocol error). 502, maybe
