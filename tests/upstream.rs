@@ -460,12 +460,18 @@ async fn one_span_per_request_and_nothing_above_debug_when_healthy() {
     let layer = Upstream::builder().build().unwrap();
     let svc = layer.layer(service_fn(
         |req: Request<ReplayBody<Full<Bytes>>>| async move {
-            if req.uri().path() == "/down" {
-                Err(BoxError::from(std::io::Error::from(
+            match req.uri().path() {
+                "/down" => Err(BoxError::from(std::io::Error::from(
                     std::io::ErrorKind::ConnectionRefused,
-                )))
-            } else {
-                Ok(Response::new(Full::new(Bytes::new())))
+                ))),
+                // An upstream that is itself a proxy answers for its own upstream's fault:
+                // its answer, not one of the stack's.
+                "/proxy" => Ok(Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .header("proxy-status", "next; error=destination_not_found")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap()),
+                _ => Ok(Response::new(Full::new(Bytes::new()))),
             }
         },
     ));
@@ -502,10 +508,12 @@ async fn one_span_per_request_and_nothing_above_debug_when_healthy() {
         assert_eq!(res.status(), StatusCode::OK);
         let res = svc.clone().oneshot(request("/down")).await.unwrap();
         assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+        let res = svc.clone().oneshot(request("/proxy")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND);
     }
     let out = debug.take();
     let closes: Vec<&str> = out.lines().filter(|l| l.contains("close")).collect();
-    assert_eq!(closes.len(), 2, "{out}");
+    assert_eq!(closes.len(), 3, "{out}");
     for (line, want) in closes.iter().zip([
         ["path=\"/ok\"", "status=200", "attempts=1"],
         [
@@ -513,7 +521,14 @@ async fn one_span_per_request_and_nothing_above_debug_when_healthy() {
             "status=502",
             "fault=\"connection_refused\"",
         ],
+        ["path=\"/proxy\"", "status=404", "attempts=1"],
     ]) {
+        if line.contains("/proxy") {
+            assert!(
+                !line.contains("fault="),
+                "the upstream's own answer: {line}"
+            );
+        }
         assert!(line.contains("upstream.request"), "{line}");
         assert!(line.contains("method=GET"), "{line}");
         assert!(line.contains("authority=\"upstream.test\""), "{line}");

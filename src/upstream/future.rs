@@ -27,6 +27,7 @@ use tower_service::Service;
 use super::{limit, Stack};
 use crate::breaker::Permit;
 use crate::deadline::{cover, saturating_add, DeadlineExceeded, Due, RequestDeadline};
+use crate::fault::Fault;
 use crate::head::HeadCopy;
 use crate::map_faults::{self, FaultBody};
 use crate::retry::{mark, Attempts, Policy, ReplayBody, Tries};
@@ -475,14 +476,11 @@ where
 /// the count).
 fn record<B>(span: &tracing::Span, res: &Response<B>) {
     span.record("status", res.status().as_u16());
-    let fault = res
-        .headers()
-        .get("proxy-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').find_map(|p| p.trim().strip_prefix("error=")));
-    match fault {
+    // The stack's own answer carries its `Fault`; an upstream's answer may carry a
+    // `Proxy-Status` of its own (an upstream that is itself a proxy), which is not ours.
+    match res.extensions().get::<Fault>() {
         Some(fault) => {
-            span.record("fault", fault.split(',').next().unwrap_or(fault));
+            span.record("fault", fault.name());
         }
         None => {
             span.record("attempts", Attempts::of(res));
