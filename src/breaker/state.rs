@@ -132,13 +132,16 @@ pub(crate) enum Outcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Admit {
     Closed,
-    /// A probe of the half-open period with this generation.
+    /// A probe of this half-open period (`Word::period`).
     Probe(u64),
 }
 
 // The state word:
 // [open_until in 4 ms units: 38][half-open generation: 3][trips: 5][probe successes: 8][probes in flight: 8][state: 2]
-// The generation tells a late probe of an earlier half-open period from a current one.
+// While half-open, open_until keeps the end of the open period that led there: with the
+// generation, it names the half-open period (`Word::period`), so that a late probe of an
+// earlier period is told from a current one however many periods went by (the
+// generation alone wraps after 8; the open periods' ends only grow).
 const CLOSED: u64 = 0;
 const OPEN: u64 = 1;
 const HALF_OPEN: u64 = 2;
@@ -178,6 +181,11 @@ impl Word {
     }
     fn gen(self) -> u64 {
         (self.0 >> GEN_SHIFT) & GEN_MASK
+    }
+    /// Which half-open period this is (meaningful while half-open): the generation and
+    /// the end of the open period before it.
+    fn period(self) -> u64 {
+        self.0 >> GEN_SHIFT
     }
     fn new(state: u64, in_flight: u64, successes: u64, trips: u64, until: u64) -> Word {
         Word(
@@ -290,7 +298,7 @@ impl Core {
                     if now < cur.until() {
                         return Err(CircuitOpen::new(Duration::from_millis(cur.until() - now)));
                     }
-                    Word::new(HALF_OPEN, 1, 0, cur.trips(), 0).with_gen(cur.gen() + 1)
+                    Word::new(HALF_OPEN, 1, 0, cur.trips(), cur.until()).with_gen(cur.gen() + 1)
                 }
                 _ => {
                     if cur.in_flight() >= u64::from(self.config.probes) {
@@ -301,7 +309,7 @@ impl Core {
                         cur.in_flight() + 1,
                         cur.successes(),
                         cur.trips(),
-                        0,
+                        cur.until(),
                     )
                     .with_gen(cur.gen())
                 }
@@ -311,7 +319,7 @@ impl Core {
                     if cur.state() == OPEN {
                         self.emit(State::Open, State::HalfOpen, Reason::OpenTimeElapsed);
                     }
-                    return Ok(Admit::Probe(next.gen()));
+                    return Ok(Admit::Probe(next.period()));
                 }
                 Err(actual) => cur = Word(actual),
             }
@@ -381,18 +389,26 @@ impl Core {
         }
     }
 
-    /// Records the outcome of a probe (or returns its permit).
-    pub(crate) fn on_probe_outcome(&self, gen: u64, now_ms: u64, outcome: Outcome) {
+    /// Records the outcome of a probe of half-open `period` (or returns its permit).
+    pub(crate) fn on_probe_outcome(&self, period: u64, now_ms: u64, outcome: Outcome) {
         let mut cur = Word(self.word.load(Acquire));
         loop {
             // A late probe of an earlier half-open period has no say in this one.
-            if cur.state() != HALF_OPEN || cur.gen() != gen {
+            if cur.state() != HALF_OPEN || cur.period() != period {
                 return;
             }
+            let gen = cur.gen();
             let in_flight = cur.in_flight().saturating_sub(1);
             let (next, change) = match outcome {
                 Outcome::Ignored => (
-                    Word::new(HALF_OPEN, in_flight, cur.successes(), cur.trips(), 0).with_gen(gen),
+                    Word::new(
+                        HALF_OPEN,
+                        in_flight,
+                        cur.successes(),
+                        cur.trips(),
+                        cur.until(),
+                    )
+                    .with_gen(gen),
                     None,
                 ),
                 Outcome::Success => {
@@ -408,7 +424,7 @@ impl Core {
                         )
                     } else {
                         (
-                            Word::new(HALF_OPEN, in_flight, successes, cur.trips(), 0)
+                            Word::new(HALF_OPEN, in_flight, successes, cur.trips(), cur.until())
                                 .with_gen(gen),
                             None,
                         )
@@ -505,6 +521,10 @@ mod tests {
     use super::*;
 
     fn core(open_base: Duration, open_max: Duration) -> Core {
+        core_with(open_base, open_max, 1)
+    }
+
+    fn core_with(open_base: Duration, open_max: Duration, probes: u32) -> Core {
         let config = Config {
             window: WindowConfig::Count(10),
             failure_rate: 0.5,
@@ -515,7 +535,7 @@ mod tests {
             open_max,
             jitter: 0.0,
             honor_retry_after: true,
-            probes: 1,
+            probes,
             probe_successes: 1,
             statuses: [0; 16],
             grpc_codes: 0,
@@ -546,5 +566,44 @@ mod tests {
             core.until_probe(core.now_ms()),
             Some(Duration::from_secs(60))
         );
+    }
+
+    /// A probe still in flight when its half-open period ended has no say in a later one,
+    /// even 8 periods later, when the 3-bit generation has come round to its own again.
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_from_8_periods_ago_does_not_close_the_circuit() {
+        let second = Duration::from_secs(1);
+        let core = core_with(second, second, 2);
+        let fail = Outcome::Failure { retry_after: None };
+        core.on_closed_outcome(0, fail);
+        tokio::time::advance(second).await;
+        // A probe that hangs, and one that fails: open again.
+        let Ok(Admit::Probe(hung)) = core.try_acquire() else {
+            panic!("a probe")
+        };
+        let Ok(Admit::Probe(other)) = core.try_acquire() else {
+            panic!("a second probe")
+        };
+        core.on_probe_outcome(other, core.now_ms(), fail);
+        for _ in 0..7 {
+            tokio::time::advance(second).await;
+            let Ok(Admit::Probe(p)) = core.try_acquire() else {
+                panic!("a probe")
+            };
+            core.on_probe_outcome(p, core.now_ms(), fail);
+            assert_eq!(core.state(), State::Open);
+        }
+        // The 9th half-open period: its generation is the hung probe's again.
+        tokio::time::advance(second).await;
+        let Ok(Admit::Probe(_current)) = core.try_acquire() else {
+            panic!("a probe")
+        };
+        core.on_probe_outcome(hung, core.now_ms(), Outcome::Success);
+        assert_eq!(
+            core.state(),
+            State::HalfOpen,
+            "the late success is not this period's"
+        );
+        assert_eq!(core.probes_in_flight(), 1, "nor is its slot");
     }
 }
