@@ -343,7 +343,7 @@ impl View<'_> {
             .retry_after()
             .filter(|_| fault == Fault::DestinationUnavailable)
         {
-            let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+            let ms = whole_millis_up(after);
             headers.insert(grpc::GRPC_PUSHBACK.clone(), HeaderValue::from(ms));
         }
         headers.insert(
@@ -420,6 +420,13 @@ impl View<'_> {
 }
 
 /// Whole seconds, rounded up (`Retry-After` takes delay-seconds).
+/// Rounded up, as `Retry-After` is: a client that honours it never comes back before the
+/// breaker lets a probe through.
+fn whole_millis_up(d: Duration) -> u64 {
+    let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 > 0);
+    u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
 fn whole_seconds_up(d: Duration) -> u64 {
     // Saturating: `Duration::MAX` (a hand-made `CircuitOpen`, a classifier's rule) must not
     // overflow (a panic in debug builds, `Retry-After: 0` in release ones).
@@ -547,6 +554,10 @@ mod tests {
         assert_eq!(whole_seconds_up(Duration::from_millis(1000)), 1);
         assert_eq!(whole_seconds_up(Duration::from_millis(4001)), 5);
         assert_eq!(whole_seconds_up(Duration::MAX), u64::MAX);
+        assert_eq!(whole_millis_up(Duration::from_micros(1500)), 2);
+        assert_eq!(whole_millis_up(Duration::from_millis(7)), 7);
+        assert_eq!(whole_millis_up(Duration::ZERO), 0);
+        assert_eq!(whole_millis_up(Duration::MAX), u64::MAX);
     }
 
     #[test]
