@@ -205,7 +205,8 @@ pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// It implements `Service<http::Request<B>>` with `Error = Infallible` and
 /// `Response = http::Response<FaultBody<R>>` when `S` implements
-/// `Service<http::Request<ReplayBody<B>>, Response = http::Response<R>>`.
+/// `Service<http::Request<ReplayBody<B>>, Response = http::Response<R>>` and `Clone` (a
+/// clone makes a retry's later attempts; it is required with retries off too).
 ///
 /// Every part runs in this service's own call and future, with the same code as the
 /// standalone layers ([`MapFaults`](crate::MapFaults), [`Deadline`](crate::Deadline),
