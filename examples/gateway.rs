@@ -224,6 +224,16 @@ struct Stacked {
 }
 
 impl Gateway {
+    /// [`new`](Self::new), but every route's stack is checked even for a bare gateway: a
+    /// file that `--bare` (or `--check --bare`) accepts is one the full gateway runs.
+    pub fn checked(config: &Config, mode: Mode) -> Result<Gateway, ConfigError> {
+        let full = Gateway::new(config, Mode::Full)?;
+        match mode {
+            Mode::Full => Ok(full),
+            Mode::Bare => Gateway::new(config, Mode::Bare),
+        }
+    }
+
     /// Checks `config` and builds every route's client and stack. Fails on the first bad
     /// field (a malformed or duplicate prefix, a non-`http` upstream, an invalid stack
     /// setting…), naming it: `routes[2].stack.retry.budget.ratio`.
@@ -1008,7 +1018,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let built = Config::load(&args.config).and_then(|c| Ok((Gateway::new(&c, args.mode)?, c)));
+    let built = Config::load(&args.config).and_then(|c| Ok((Gateway::checked(&c, args.mode)?, c)));
     let (gateway, config) = match built {
         Ok(built) => built,
         Err(e) => {
@@ -1082,6 +1092,21 @@ mod tests {
             );
         }
         assert_eq!(gw.status()["routes"][0]["breaker"]["mode"], "forced_open");
+    }
+
+    #[test]
+    fn a_bare_gateway_still_checks_every_stack() {
+        let config = Config::from_toml(
+            "[[routes]]\nprefix = \"/api\"\nupstream = \"http://127.0.0.1:9\"\n\
+             stack.retry.budget.ratio = 11.0\n",
+        )
+        .unwrap();
+        assert!(
+            Gateway::new(&config, Mode::Bare).is_ok(),
+            "bare builds no stack"
+        );
+        let err = Gateway::checked(&config, Mode::Bare).unwrap_err();
+        assert_eq!(err.field(), "routes[0].stack.retry.budget.ratio");
     }
 
     #[test]
