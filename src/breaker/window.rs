@@ -12,7 +12,10 @@
 //!   cursor. Exact, but every call touches the cursor, so it does not scale across cores like
 //!   the time window does; it is meant for low-rate upstreams.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64, AtomicU8,
+    Ordering::{Acquire, Relaxed, Release},
+};
 
 /// Totals over the window.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -169,20 +172,32 @@ impl TimeWindow {
 
     /// Moves the stripe's newest bucket up to `bucket`, clearing the slots of the buckets
     /// it passes (those are about to be reused; what they hold is from an earlier lap).
+    ///
+    /// A slot is cleared only if it still holds what it held before the move: another
+    /// thread of the stripe that sees the move writes its (current) sample into those
+    /// slots at once, and a tag cannot tell that sample from one of an earlier lap. The
+    /// slots are read before the move is published (release), so none of those samples is
+    /// among what was read.
     #[inline]
     fn advance(&self, stripe: usize, bucket: u64) {
         let newest = self.newest(stripe);
-        let mut cur = newest.load(Relaxed);
+        let mut cur = newest.load(Acquire);
+        let mut stale = Vec::new();
         while bucket > cur {
-            match newest.compare_exchange_weak(cur, bucket, Relaxed, Relaxed) {
+            stale.clear();
+            let from = (cur + 1).max((bucket + 1).saturating_sub(self.ring as u64));
+            for b in from..=bucket {
+                let w = self.slot(stripe, b).load(Relaxed);
+                if w != 0 && unpack(w).0 == b & TAG_MASK {
+                    stale.push((b, w));
+                }
+            }
+            match newest.compare_exchange_weak(cur, bucket, Release, Acquire) {
                 Ok(_) => {
-                    let from = (cur + 1).max((bucket + 1).saturating_sub(self.ring as u64));
-                    for b in from..=bucket {
-                        let slot = self.slot(stripe, b);
-                        let w = slot.load(Relaxed);
-                        if unpack(w).0 == b & TAG_MASK {
-                            let _ = slot.compare_exchange(w, 0, Relaxed, Relaxed);
-                        }
+                    for (b, w) in stale {
+                        let _ = self
+                            .slot(stripe, b)
+                            .compare_exchange(w, 0, Relaxed, Relaxed);
                     }
                     return;
                 }
@@ -462,5 +477,41 @@ mod tests {
         );
         w.record(true);
         assert_eq!(w.totals().failures, 1);
+    }
+
+    /// Two threads on one stripe reach a new bucket together: one moves the stripe's newest
+    /// bucket and clears the slots it passes, the other sees the move and writes its sample
+    /// there at once. The clearing must not take that sample (a current one) away.
+    #[test]
+    fn advancing_a_stripe_keeps_a_sample_written_meanwhile() {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::Arc;
+        const BUCKETS: u64 = 256;
+        for _ in 0..400 {
+            let w = Arc::new(TimeWindow::new(1, BUCKETS as usize, 1));
+            let step = Arc::new(AtomicUsize::new(0));
+            let threads: Vec<_> = (0..2)
+                .map(|_| {
+                    let (w, step) = (w.clone(), step.clone());
+                    std::thread::spawn(move || {
+                        for b in 1..BUCKETS {
+                            w.record(0, b, true);
+                            let arrived = step.fetch_add(1, Relaxed) + 1;
+                            let target = 2 * b as usize;
+                            if arrived < target {
+                                while step.load(Relaxed) < target {
+                                    std::hint::spin_loop();
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            let t = w.totals(BUCKETS - 1);
+            assert_eq!(t.failures, 2 * (BUCKETS - 1), "{t:?}");
+        }
     }
 }
