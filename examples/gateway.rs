@@ -431,11 +431,15 @@ impl Route {
     ) -> Result<Request<Incoming>, &'static str> {
         let (mut parts, body) = req.into_parts();
         // The target's authority first: with an absolute-form target (or HTTP/2's
-        // `:authority`) the received Host is to be ignored (RFC 9112 §3.2.2).
+        // `:authority`) the received Host is to be ignored (RFC 9112 §3.2.2). Without its
+        // userinfo (`user:password@`), which is no part of the host and must not travel.
         let host = parts
             .uri
             .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .and_then(|a| {
+                let host_port = a.as_str().rsplit('@').next().unwrap_or_default();
+                HeaderValue::from_str(host_port).ok()
+            })
             .or_else(|| parts.headers.get(header::HOST).cloned());
         parts.uri = self.target.join(&self.prefix, &parts.uri)?;
         strip_hop_by_hop(&mut parts.headers, Direction::Request);

@@ -850,6 +850,21 @@ async fn forwarded_host_of_an_absolute_form_request_is_its_target_authority() {
         ["for=127.0.0.1;proto=http;host=example.com"],
         "{head}"
     );
+
+    // Userinfo in the target is no part of the host: it does not travel in `host=`.
+    let answer = raw_exchange(
+        gw,
+        b"GET http://user:secret@example.com/x HTTP/1.1\r\nhost: example.com\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    let head = rx.recv().await.unwrap();
+    assert!(!head.contains("secret"), "{head}");
+    assert_eq!(
+        header_values(&head, "forwarded"),
+        ["for=127.0.0.1;proto=http;host=example.com"],
+        "{head}"
+    );
 }
 
 #[test]
