@@ -353,15 +353,7 @@ impl<B> Tries<B> {
                 .delay(self.attempts, Duration::from_nanos(self.prev_delay_ns)),
         };
         // Read here, not kept in the future: only a retry decision needs it.
-        let ext = self
-            .head
-            .extensions()
-            .get::<RequestDeadline>()
-            .map(|d| d.instant());
-        let deadline = match (ext, deadline.get()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let deadline = self.deadline(deadline.get());
         if let Some(deadline) = deadline {
             if deadline.saturating_duration_since(Instant::now()) <= delay {
                 tracing::debug!(attempt = self.attempts, outcome = %what, "deadline leaves no time for another attempt");
@@ -386,6 +378,20 @@ impl<B> Tries<B> {
         Some(delay)
     }
 
+    /// The request's deadline: the earlier of the `private` one (the stack's, if any) and
+    /// the one in its extensions. Read when a retry is weighed or made, not kept.
+    fn deadline(&self, private: Option<Instant>) -> Option<Instant> {
+        let ext = self
+            .head
+            .extensions()
+            .get::<RequestDeadline>()
+            .map(|d| d.instant());
+        match (ext, private) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// The next attempt's request (counted as made). `deadline`: the stack's private one, if
     /// any (already worked out by the retry decision); `header`: the deadline header the
     /// stack propagates, if any.
@@ -406,15 +412,7 @@ impl<B> Tries<B> {
         // and the deadline's header: the upstream is told only what the deadline leaves (an
         // attempt timeout below may lower it further; nothing is added where none was).
         if grpc || header.is_some() {
-            let ext = parts
-                .extensions
-                .get::<RequestDeadline>()
-                .map(|d| d.instant());
-            let deadline = match (ext, deadline) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            if let Some(at) = deadline {
+            if let Some(at) = self.deadline(deadline) {
                 let left = at.saturating_duration_since(Instant::now());
                 if grpc && grpc::timeout_of(&parts.headers).is_some_and(|t| t > left) {
                     parts

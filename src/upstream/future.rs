@@ -291,8 +291,7 @@ where
         }),
     };
     if let Timing::Spent = timing {
-        // Nothing is sent: not a sample of the upstream (a probe slot is given back).
-        *permit = None;
+        // Nothing is sent: the breaker leaves `before_start` out (a probe slot is given back).
         *timing = Timing::Untimed;
         let error = Some(DeadlineExceeded::before_start().into());
         return Phase::Failed { error };
