@@ -537,6 +537,33 @@ async fn one_span_per_request_and_nothing_above_debug_when_healthy() {
             assert!(line.contains(w), "{w} in {line}");
         }
     }
+
+    // With the breakers switched by an operator, the span still names the key the request
+    // went by: forced open (refused, 503) and disabled (let through, not counted).
+    let breakers = layer.breaker_handle().unwrap();
+    let debug = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_span_events(FmtSpan::CLOSE)
+        .with_ansi(false)
+        .with_writer(debug.clone())
+        .finish();
+    {
+        let _guard = tracing::subscriber::set_default(subscriber);
+        breakers.force_open();
+        let res = svc.clone().oneshot(request("/ok")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        breakers.disable();
+        let res = svc.clone().oneshot(request("/ok")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    let out = debug.take();
+    let closes: Vec<&str> = out.lines().filter(|l| l.contains(": close ")).collect();
+    assert_eq!(closes.len(), 2, "{out}");
+    for (line, want) in closes.iter().zip(["status=503", "status=200"]) {
+        assert!(line.contains(want), "{want} in {line}");
+        assert!(line.contains("breaker_key=\"upstream.test\""), "{line}");
+    }
 }
 
 const BODY: &[u8] = b"{\"n\":1}";

@@ -177,6 +177,17 @@ impl Registry {
         }
     }
 
+    /// The key of the breaker [`pin`](Self::pin) would give this request, without making
+    /// or touching that breaker.
+    pub(crate) fn key<'a, B>(&self, req: &'a http::Request<B>) -> Cow<'a, str> {
+        let key = match &self.key_by {
+            KeyBy::Single => None,
+            KeyBy::Authority => req.uri().authority().map(|a| Cow::Borrowed(a.as_str())),
+            KeyBy::Fn(f) => f(&RequestHead::of(req)),
+        };
+        key.unwrap_or(Cow::Borrowed(NO_KEY))
+    }
+
     #[inline]
     fn keyed(&self, key: &str, stripe: usize) -> Arc<Pin> {
         let epoch = self.epoch.load(Acquire);

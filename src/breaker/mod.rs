@@ -156,19 +156,31 @@ impl Shared {
     /// call is not counted), `Ok(Some(permit))` when admitted, `Err` when refused.
     #[inline]
     pub(crate) fn admit<B>(&self, req: &Request<B>) -> Result<Option<Permit>, CircuitOpen> {
-        match self.mode.load(Relaxed) {
-            AUTO => {}
-            DISABLED => return Ok(None),
-            _ => return Err(CircuitOpen::new(self.registry.config.open_base)),
+        let mode = self.mode.load(Relaxed);
+        if mode != AUTO {
+            // The key the request would have gone by: an operator who switched the breakers
+            // still reads in the span which upstream a refused request was for.
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                record_key(&self.registry.key(req));
+            }
+            if mode == DISABLED {
+                return Ok(None);
+            }
+            return Err(CircuitOpen::new(self.registry.config.open_base));
         }
         let pin = self.registry.pin(req);
         if tracing::enabled!(tracing::Level::DEBUG) {
-            // Into the request's span, when there is one with the field (`Upstream`'s).
-            tracing::Span::current().record("breaker_key", &*pin.core.key);
+            record_key(&pin.core.key);
         }
         let admit = pin.core.try_acquire()?;
         Ok(Some(Permit::new(pin, admit)))
     }
+}
+
+/// Records a request's breaker key into its span, when there is one with the field
+/// (`Upstream`'s).
+fn record_key(key: &str) {
+    tracing::Span::current().record("breaker_key", key);
 }
 
 /// Per-upstream circuit breaking; see the [module docs](self).

@@ -154,7 +154,8 @@
 //! Each request runs in a `DEBUG` span `upstream.request` with `method`, `authority`,
 //! `path`, and, once answered, `status` and either `attempts` (when the upstream answered)
 //! or `fault` (its RFC 9209 name, when the stack answered for a fault), and `breaker_key`,
-//! the key of the breaker the request went through (when a breaker is on). The layers' own events (retries, breaker
+//! the key of the breaker the request went through (when the stack has a breaker, in every
+//! mode: forced open or disabled too). The layers' own events (retries, breaker
 //! transitions, faults) happen inside it. Nothing is logged above `DEBUG` per request on
 //! the happy path.
 //!
