@@ -2,7 +2,7 @@
 # End to end (issue #6): examples/gateway with the full stack versus the same gateway with no
 # layers (--bare), on loopback, under a load generator, in the same run.
 #
-#   benches/gateway-load.sh                    # 5 rounds of 10 s per gateway, 32 connections
+#   benches/gateway-load.sh                    # 15 rounds of 5 s per gateway, 32 connections
 #   ROUNDS=5 DURATION=20 CONNECTIONS=64 benches/gateway-load.sh
 #   STACK='retry.enabled = false' benches/gateway-load.sh   # another [routes.stack] (TOML)
 #   PIN=1 benches/gateway-load.sh        # the gateway alone on one core (see PIN below)
@@ -26,11 +26,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${DURATION:-10}
-ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-5}
+ROUNDS=${ROUNDS:-15}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-2}
-WARMUP=${WARMUP:-2}
+WARMUP=${WARMUP:-1}
 PATH_QUERY=/api/hello?from=load
 # The whole stack: the defaults (30 s deadline, 3 attempts within a retry budget, a circuit
 # breaker, 10 s per attempt) and a concurrency limit well above the load's.
