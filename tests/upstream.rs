@@ -451,12 +451,20 @@ impl Captured {
     fn take(&self) -> String {
         String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
     }
+
+    /// A subscriber up to `level` that writes here, spans' closes included.
+    fn subscriber(&self, level: tracing::Level) -> impl tracing::Subscriber {
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .with_ansi(false)
+            .with_writer(self.clone())
+            .finish()
+    }
 }
 
 #[tokio::test(start_paused = true)]
 async fn one_span_per_request_and_nothing_above_debug_when_healthy() {
-    use tracing_subscriber::fmt::format::FmtSpan;
-
     let layer = Upstream::builder().build().unwrap();
     let svc = layer.layer(service_fn(
         |req: Request<ReplayBody<Full<Bytes>>>| async move {
@@ -483,12 +491,8 @@ async fn one_span_per_request_and_nothing_above_debug_when_healthy() {
 
     // At INFO, a healthy request logs nothing.
     let info = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(info.clone())
-        .finish();
     {
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let _guard = tracing::subscriber::set_default(info.subscriber(tracing::Level::INFO));
         let res = svc.clone().oneshot(request("/ok")).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
     }
@@ -496,14 +500,8 @@ async fn one_span_per_request_and_nothing_above_debug_when_healthy() {
 
     // At DEBUG, the request's span closes with its status, attempts or fault, and breaker key.
     let debug = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_span_events(FmtSpan::CLOSE)
-        .with_ansi(false)
-        .with_writer(debug.clone())
-        .finish();
     {
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let _guard = tracing::subscriber::set_default(debug.subscriber(tracing::Level::DEBUG));
         let res = svc.clone().oneshot(request("/ok")).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         let res = svc.clone().oneshot(request("/down")).await.unwrap();
@@ -542,14 +540,8 @@ async fn one_span_per_request_and_nothing_above_debug_when_healthy() {
     // went by: forced open (refused, 503) and disabled (let through, not counted).
     let breakers = layer.breaker_handle().unwrap();
     let debug = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_span_events(FmtSpan::CLOSE)
-        .with_ansi(false)
-        .with_writer(debug.clone())
-        .finish();
     {
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let _guard = tracing::subscriber::set_default(debug.subscriber(tracing::Level::DEBUG));
         breakers.force_open();
         let res = svc.clone().oneshot(request("/ok")).await.unwrap();
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
