@@ -13,7 +13,8 @@
 # <= 1.1x the bare gateway's. Exits 0 when both are met, 1 when one is missed, 2 when the
 # run itself went wrong (no load generator, a process did not start, errors in the load).
 #
-# It builds the examples in release mode, starts examples/hello_upstream (a fast 200), a
+# It builds the examples in release mode (as a user's binaries: without the crate's
+# dev-dependencies), starts examples/hello_upstream (a fast 200), a
 # full-stack gateway and a bare gateway, all on 127.0.0.1 (nothing else is contacted), and
 # runs the load generator against each in turn: the order alternates every round (full,
 # bare, bare, full, …) so that drift on a busy machine hits both alike. The verdict is on
@@ -63,9 +64,12 @@ else
     exit 2
 fi
 
-echo "== building examples (release)"
-cargo build --release --quiet --example gateway --example hello_upstream
-BIN=target/release/examples
+# Built as a user builds them, by their own small crate (benches/gateway-load/Cargo.toml):
+# built as examples, they would get the crate's dev-dependencies, which turn on tokio's
+# `test-util`, where every read of tokio's clock and every timer takes a mutex.
+echo "== building examples/gateway and examples/hello_upstream (release, benches/gateway-load/)"
+cargo build --release --quiet --manifest-path benches/gateway-load/Cargo.toml
+BIN=benches/gateway-load/target/release
 
 WORK=$(mktemp -d)
 PIDS=()
