@@ -124,10 +124,10 @@ impl DeadlineBuilder {
     /// A request header whose value, a whole number of `unit`s (1 to 9 ASCII digits), caps
     /// the deadline, like `request-timeout: 5`. A malformed value is ignored with a `debug`
     /// event. When [`propagate`](Self::propagate) is on, the header is also set on outgoing
-    /// requests to the time that remains (rounded up to the unit); inside
-    /// [`Upstream`](crate::Upstream), each retry is told what is left then. (A
-    /// [`Retry`](crate::Retry) composed by hand below a `Deadline` does not know the header:
-    /// its retries repeat the first attempt's value.)
+    /// requests to the time that remains (rounded up to the unit), and each retry is told what
+    /// is left then: by [`Upstream`](crate::Upstream), or by a [`Retry`](crate::Retry)
+    /// composed by hand below this layer (with two such layers, each setting its own header,
+    /// the retry lowers the inner one's).
     pub fn header<K>(mut self, name: K, unit: HeaderUnit) -> Self
     where
         HeaderName: TryFrom<K>,

@@ -286,6 +286,13 @@ impl HeaderUnit {
 /// A deadline header the stack propagates, as a later attempt's request carries it.
 pub(crate) type Propagated = (HeaderName, HeaderUnit);
 
+/// The deadline header a [`Deadline`] layer set on a request, kept in its extensions beside
+/// its [`RequestDeadline`] so that a [`Retry`](crate::Retry) composed below it by hand
+/// lowers that header on later attempts (inside [`Upstream`](crate::Upstream), the stack
+/// hands it over itself). Private: one per request, the innermost layer's.
+#[derive(Clone)]
+pub(crate) struct PropagatedHeader(pub(crate) Propagated);
+
 /// Lowers a propagated deadline header in `headers` to what is `left`, when it says more
 /// (a later attempt's copy of the head carries the time the request had at the start).
 /// Never adds the header.
@@ -408,9 +415,13 @@ impl Config {
                 req.headers_mut()
                     .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(at - now));
             }
-            if let Some((name, unit)) = &self.header {
+            if let Some(header @ (name, unit)) = &self.header {
                 req.headers_mut()
                     .insert(name.clone(), unit.encode(at - now));
+                if self.extension {
+                    req.extensions_mut()
+                        .insert(PropagatedHeader(header.clone()));
+                }
             }
         }
         Start::Timed {

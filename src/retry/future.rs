@@ -19,7 +19,9 @@ use super::budget::stripe_index;
 use super::policy::{Outcome, RequestHead};
 use super::replay::{lock, ReplayBody, State};
 use super::{Attempts, Config, Policy};
-use crate::deadline::{cover, lower_propagated, Due, Propagated, RequestDeadline};
+use crate::deadline::{
+    cover, lower_propagated, Due, Propagated, PropagatedHeader, RequestDeadline,
+};
 use crate::fault::Fault;
 use crate::grpc;
 use crate::head::HeadCopy;
@@ -394,12 +396,20 @@ impl<B> Tries<B> {
 
     /// The next attempt's request (counted as made). `deadline`: the stack's private one, if
     /// any (already worked out by the retry decision); `header`: the deadline header the
-    /// stack propagates, if any.
+    /// stack propagates, if any (else the one a `Deadline` above noted on the request).
     pub(crate) fn next_request(
         &mut self,
         deadline: Option<Instant>,
         header: Option<&Propagated>,
     ) -> Request<ReplayBody<B>> {
+        let noted;
+        let header = match header {
+            Some(header) => Some(header),
+            None => {
+                noted = self.head.extensions().get::<PropagatedHeader>().cloned();
+                noted.as_ref().map(|n| &n.0)
+            }
+        };
         let mut parts = self.head.to_parts();
         let grpc = grpc::is_grpc(&parts.headers);
         if grpc {

@@ -71,7 +71,9 @@
 //! Retries reuse a copy of the whole request head taken before the first attempt: method,
 //! URI, version, headers and all extensions (http 1.x extensions are `Clone`), so the
 //! [`RequestDeadline`] and [`Idempotent`] markers travel with every attempt. gRPC retries
-//! add `grpc-previous-rpc-attempts`.
+//! add `grpc-previous-rpc-attempts`, and are told what the deadline leaves in `grpc-timeout`;
+//! so is a deadline header a [`Deadline`](crate::Deadline) above propagates (see
+//! [`DeadlineBuilder::header`](crate::deadline::DeadlineBuilder::header)).
 //!
 //! Most requests are never retried, so the copy is made cheap: the headers are packed into
 //! one buffer (one allocation, none without headers; no reference counts touched) and a
