@@ -164,28 +164,26 @@ impl Registry {
     #[inline]
     pub(crate) fn pin<B>(&self, req: &http::Request<B>) -> Arc<Pin> {
         let stripe = stripe_index() & (self.stripes.len() - 1);
-        match &self.key_by {
-            KeyBy::Single => self.none.pins[stripe].clone(),
-            KeyBy::Authority => match req.uri().authority() {
-                Some(a) => self.keyed(a.as_str(), stripe),
-                None => self.none.pins[stripe].clone(),
-            },
-            KeyBy::Fn(f) => match f(&RequestHead::of(req)) {
-                Some(k) => self.keyed(&k, stripe),
-                None => self.none.pins[stripe].clone(),
-            },
+        match self.key_of(req) {
+            Some(key) => self.keyed(&key, stripe),
+            None => self.none.pins[stripe].clone(),
         }
     }
 
     /// The key of the breaker [`pin`](Self::pin) would give this request, without making
     /// or touching that breaker.
     pub(crate) fn key<'a, B>(&self, req: &'a http::Request<B>) -> Cow<'a, str> {
-        let key = match &self.key_by {
+        self.key_of(req).unwrap_or(Cow::Borrowed(NO_KEY))
+    }
+
+    /// The request's key by the configured `key_by`; `None` for the keyless breaker.
+    #[inline]
+    fn key_of<'a, B>(&self, req: &'a http::Request<B>) -> Option<Cow<'a, str>> {
+        match &self.key_by {
             KeyBy::Single => None,
             KeyBy::Authority => req.uri().authority().map(|a| Cow::Borrowed(a.as_str())),
             KeyBy::Fn(f) => f(&RequestHead::of(req)),
-        };
-        key.unwrap_or(Cow::Borrowed(NO_KEY))
+        }
     }
 
     #[inline]
