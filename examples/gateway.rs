@@ -760,8 +760,8 @@ fn is_tchar(b: u8) -> bool {
 /// Sends a prepared request to its upstream with a hyper-util client, and makes the answer
 /// fit for the client: hop-by-hop headers out, `Via` in.
 pub struct Forward<B> {
-    // One reference to count per clone (the stack clones its service for each request),
-    // not one per part of the client.
+    // One reference to count per clone (the gateway clones a route's stack, and so this,
+    // for each request), not one per part of the client.
     inner: Arc<ForwardInner<B>>,
 }
 

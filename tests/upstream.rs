@@ -41,6 +41,12 @@ fn services_and_futures_are_send_sync() {
     assert_send_sync::<Upstream<axum::routing::Route>>();
     assert_send_sync::<Upstream<TestClient>>();
     assert_send::<<Upstream<axum::routing::Route> as Service<Request<AxumBody>>>::Future>();
+    // A service that is `Send` but not `Sync`: the stack keeps a copy of it for later
+    // attempts, which must not make the stack or its future lose `Send`.
+    type Unsync =
+        tower::util::BoxCloneService<Request<ReplayBody<AxumBody>>, Response<AxumBody>, BoxError>;
+    assert_send::<Upstream<Unsync>>();
+    assert_send::<<Upstream<Unsync> as Service<Request<AxumBody>>>::Future>();
 }
 
 /// A proxy to `upstream`: path and query kept, through a hyper-util client.

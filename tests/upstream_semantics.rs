@@ -361,6 +361,74 @@ impl<B> Service<Request<ReplayBody<B>>> for FirstReadyOnly {
     }
 }
 
+/// A service that counts its clones.
+struct Counted<S> {
+    clones: Arc<AtomicUsize>,
+    inner: S,
+}
+
+impl<S: Clone> Clone for Counted<S> {
+    fn clone(&self) -> Self {
+        self.clones.fetch_add(1, SeqCst);
+        Counted {
+            clones: self.clones.clone(),
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S: Service<R>, R> Service<R> for Counted<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> S::Future {
+        self.inner.call(req)
+    }
+}
+
+// Pins: the stack clones the service it wraps for a request's later attempts only, when the
+// request comes to one. A request its first attempt answers clones nothing: a clone per
+// request would write a hyper client's or a tonic channel's shared counts from every core.
+#[tokio::test(start_paused = true)]
+async fn the_service_is_cloned_only_for_a_request_that_is_retried() -> Result<(), BoxError> {
+    let log = Log::default();
+    let clones = Arc::new(AtomicUsize::new(0));
+    // Attempt 3, the fourth request's first, answers 503; every other one 200.
+    let inner = Counted {
+        clones: clones.clone(),
+        inner: scripted(&log, |n| Act::Status(if n == 3 { 503 } else { 200 })),
+    };
+    let mut svc = Upstream::builder().build()?.layer(inner);
+    let made = clones.load(SeqCst);
+
+    for _ in 0..3 {
+        let res = svc.ready().await?.call(get("/")).await?;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(Attempts::of(&res), 1);
+    }
+    assert_eq!(
+        clones.load(SeqCst),
+        made,
+        "no clone for a request sent once"
+    );
+
+    let res = svc.ready().await?.call(get("/")).await?;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(Attempts::of(&res), 2);
+    assert_eq!(
+        clones.load(SeqCst),
+        made + 1,
+        "one clone for the retried request"
+    );
+    assert_eq!(log.count(), 5);
+    Ok(())
+}
+
 // Pins: a retry waiting on a service that never becomes ready is ended by the deadline.
 #[tokio::test(start_paused = true)]
 async fn a_retry_whose_service_never_gets_ready_ends_at_the_deadline() -> Result<(), BoxError> {

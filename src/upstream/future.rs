@@ -24,7 +24,7 @@ use tokio::time::{sleep_until, Instant, Sleep};
 use tower::BoxError;
 use tower_service::Service;
 
-use super::{limit, Stack};
+use super::{limit, Parts, Stack};
 use crate::breaker::Permit;
 use crate::deadline::{cover, saturating_add, DeadlineExceeded, Due, RequestDeadline};
 use crate::fault::Fault;
@@ -81,7 +81,7 @@ struct Run<S, P, B> {
     permit: Option<Permit>,
     /// This thread's stripe's reference to the layer's parts, kept when the request holds
     /// a place under the limit or may be retried (one reference for both).
-    stack: Option<Arc<Stripe<Stack<P>>>>,
+    stack: Option<Arc<Stripe<Stack<S, P>>>>,
     /// Whether the request holds a place under the limit (given back with the answer).
     limited: bool,
     /// Whether the deadline is the caller's (a header of the request made it earlier than
@@ -112,8 +112,9 @@ impl<S, P, B> Drop for Run<S, P, B> {
 
 /// What a request that may be retried keeps for its later attempts.
 struct Later<S, B> {
-    /// A clone of the service, polled ready before each later attempt.
-    service: S,
+    /// A clone of the service, polled ready before each later attempt: made from the
+    /// stack's when the second attempt comes (see [`Stack::service`]).
+    service: Option<S>,
     tries: Tries<B>,
 }
 
@@ -151,15 +152,14 @@ where
     #[inline]
     pub(super) fn start(
         service: &mut S,
-        stack: &Handle<Stack<P>>,
+        stack: &Handle<Stack<S, P>>,
         req: Request<B>,
         (now, deadline, caller_deadline): (Option<Instant>, Due, bool),
-        limit: Option<limit::Permit<P>>,
+        limit: Option<limit::Permit<S, P>>,
         map_faults: map_faults::Config,
         span: Option<Box<tracing::Span>>,
     ) -> Self
     where
-        S: Clone,
         P: Policy,
         B: Body,
     {
@@ -235,7 +235,7 @@ where
                 limited,
                 caller_deadline,
                 later: Some(Later {
-                    service: service.clone(),
+                    service: None,
                     tries: Tries::new(copy, replay),
                 }),
             },
@@ -252,7 +252,7 @@ where
 fn attempt<S, P, B>(
     service: &mut S,
     mut req: Request<ReplayBody<B>>,
-    stack: &Stack<P>,
+    stack: &Parts<P>,
     grpc: bool,
     deadline: Due,
     now: Option<Instant>,
@@ -360,7 +360,7 @@ impl<S, P, B> Run<S, P, B> {
 
 impl<S, P, B, ResB> Future for ResponseFuture<S, P, B, ResB>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>> + Clone,
     S::Error: Into<BoxError>,
     P: Policy,
 {
@@ -421,14 +421,15 @@ where
                     let (Some(later), Some(stack)) = (&mut run.later, &run.stack) else {
                         unreachable!("only a request that may be retried waits for readiness")
                     };
-                    match later.service.poll_ready(cx) {
+                    let service = later.service.get_or_insert_with(|| stack.service());
+                    match service.poll_ready(cx) {
                         Poll::Ready(Ok(())) => {
                             let req = later
                                 .tries
                                 .next_request(run.deadline.known(), stack.deadline_header.as_ref());
                             let grpc = run.map_faults.is_grpc();
                             ControlFlow::Continue(attempt(
-                                &mut later.service,
+                                service,
                                 req,
                                 stack,
                                 grpc,

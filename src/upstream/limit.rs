@@ -17,7 +17,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::Stack;
+use super::{Parts, Stack};
 use crate::retry::{stripe_index, STRIPES};
 use crate::stripe::Stripe;
 
@@ -124,16 +124,16 @@ impl Limit {
 
 /// A place under the limit, given back when dropped. Holds the layer's parts through the
 /// thread's stripe (no shared reference count written).
-pub(crate) struct Permit<P> {
+pub(crate) struct Permit<S, P> {
     /// `None` once handed over by [`into_stack`](Self::into_stack).
-    stack: Option<Arc<Stripe<Stack<P>>>>,
+    stack: Option<Arc<Stripe<Stack<S, P>>>>,
 }
 
-impl<P> Permit<P> {
+impl<S, P> Permit<S, P> {
     /// Takes a place under `stack`'s limit, if it has one and a place is free; `None` when
     /// none is free. Call only when `stack` has a limit.
     #[inline]
-    pub(crate) fn try_acquire(stack: Arc<Stripe<Stack<P>>>) -> Option<Permit<P>> {
+    pub(crate) fn try_acquire(stack: Arc<Stripe<Stack<S, P>>>) -> Option<Permit<S, P>> {
         let limit = stack.limit.as_ref()?;
         // Made only on success: a `Permit` dropped gives a place back.
         limit
@@ -144,20 +144,20 @@ impl<P> Permit<P> {
     /// The place, as its reference to the layer's parts: whoever takes it gives the place
     /// back with [`release`].
     #[inline]
-    pub(crate) fn into_stack(mut self) -> Option<Arc<Stripe<Stack<P>>>> {
+    pub(crate) fn into_stack(mut self) -> Option<Arc<Stripe<Stack<S, P>>>> {
         self.stack.take()
     }
 }
 
 /// Gives back a place taken under `stack`'s limit.
 #[inline]
-pub(crate) fn release<P>(stack: &Stack<P>) {
+pub(crate) fn release<P>(stack: &Parts<P>) {
     if let Some(limit) = &stack.limit {
         limit.release(stripe_index());
     }
 }
 
-impl<P> Drop for Permit<P> {
+impl<S, P> Drop for Permit<S, P> {
     fn drop(&mut self) {
         if let Some(stack) = &self.stack {
             release(stack);

@@ -170,7 +170,8 @@ mod limit;
 
 use std::convert::Infallible;
 use std::fmt;
-use std::sync::Arc;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -209,6 +210,12 @@ pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// `Service<http::Request<ReplayBody<B>>, Response = http::Response<R>>` and `Clone` (a
 /// clone makes a retry's later attempts; it is required with retries off too).
 ///
+/// A request's later attempts go to a clone of the service as the layer wrapped it, made
+/// when the request comes to its second attempt: most requests never do, and a clone per
+/// request would write the service's shared reference counts (a hyper client's, a tonic
+/// channel's) from every core on every request. (A change made through
+/// [`get_mut`](Self::get_mut) reaches first attempts only.)
+///
 /// Every part runs in this service's own call and future, with the same code as the
 /// standalone layers ([`MapFaults`](crate::MapFaults), [`Deadline`](crate::Deadline),
 /// [`Retry`](crate::Retry), [`CircuitBreaker`](crate::CircuitBreaker),
@@ -217,28 +224,70 @@ pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// level.
 pub struct Upstream<S, P = DefaultPolicy> {
     inner: S,
-    stack: Handle<Stack<P>>,
+    stack: Handle<Stack<S, P>>,
     map_faults: map_faults::Config,
     ready_error: ReadyError,
     deadline: Option<deadline::Config>,
-    limit: Reserve<P>,
+    limit: Reserve<S, P>,
 }
 
-/// The parts every attempt goes through, made once per layer.
-pub(crate) struct Stack<P> {
+/// The parts every attempt goes through, made once per layer and shared by every service
+/// it makes.
+pub(crate) struct Parts<P> {
     retry: Arc<retry::Shared<P>>,
     breaker: Option<Arc<breaker::Shared>>,
     attempt: Option<timeout::Config>,
-    limit: Option<limit::Limit>,
+    limit: Option<Arc<limit::Limit>>,
     /// The deadline's configured header, when it is propagated: lowered on later attempts.
     deadline_header: Option<deadline::Propagated>,
+}
+
+impl<P> Clone for Parts<P> {
+    fn clone(&self) -> Self {
+        Parts {
+            retry: self.retry.clone(),
+            breaker: self.breaker.clone(),
+            attempt: self.attempt,
+            limit: self.limit.clone(),
+            deadline_header: self.deadline_header.clone(),
+        }
+    }
+}
+
+/// What one service made by the layer (and its clones) shares, reached through the calling
+/// thread's stripe: the layer's parts, and the service as the layer wrapped it.
+pub(crate) struct Stack<S, P> {
+    parts: Parts<P>,
+    /// Cloned for a request's later attempts when it comes to one. Behind a lock taken only
+    /// then, so that a service that is `Send` but not `Sync` (`BoxCloneService`) will do.
+    service: Mutex<S>,
+}
+
+impl<S: Clone, P> Stack<S, P> {
+    /// A clone of the wrapped service, for a request's later attempts.
+    pub(crate) fn service(&self) -> S {
+        // A clone that panicked left nothing half-done in the service it cloned.
+        self.service
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl<S, P> Deref for Stack<S, P> {
+    type Target = Parts<P>;
+
+    #[inline]
+    fn deref(&self) -> &Parts<P> {
+        &self.parts
+    }
 }
 
 /// The concurrency limit's state in one service: as tower's `ConcurrencyLimit` under
 /// `LoadShed`, a place is taken in `poll_ready` (kept until a call uses it); without one, or
 /// while the service below is not ready, the call is answered `Overloaded` at once.
-struct Reserve<P> {
-    permit: Option<limit::Permit<P>>,
+struct Reserve<S, P> {
+    permit: Option<limit::Permit<S, P>>,
     shed: bool,
 }
 
@@ -408,7 +457,7 @@ impl<S, P> Upstream<S, P> {
 pub struct UpstreamLayer<P = DefaultPolicy> {
     map_faults: MapFaultsLayer,
     deadline: Option<DeadlineLayer>,
-    stack: Arc<Striped<Stack<P>>>,
+    parts: Parts<P>,
     retry: RetryLayer<P>,
     retrying: bool,
     breaker: Option<CircuitBreakerLayer>,
@@ -455,7 +504,7 @@ impl<P> Clone for UpstreamLayer<P> {
         UpstreamLayer {
             map_faults: self.map_faults.clone(),
             deadline: self.deadline.clone(),
-            stack: self.stack.clone(),
+            parts: self.parts.clone(),
             retry: self.retry.clone(),
             retrying: self.retrying,
             breaker: self.breaker.clone(),
@@ -469,7 +518,7 @@ impl<P: fmt::Debug> fmt::Debug for UpstreamLayer<P> {
         f.debug_struct("UpstreamLayer")
             .field("map_faults", &self.map_faults)
             .field("deadline", &self.deadline)
-            .field("limit", &self.stack.get().limit.is_some())
+            .field("limit", &self.parts.limit.is_some())
             .field("retry", &self.retrying.then_some(&self.retry))
             .field("breaker", &self.breaker)
             .field("attempt_timeout", &self.attempt_timeout)
@@ -477,13 +526,17 @@ impl<P: fmt::Debug> fmt::Debug for UpstreamLayer<P> {
     }
 }
 
-impl<S, P> Layer<S> for UpstreamLayer<P> {
+impl<S: Clone, P> Layer<S> for UpstreamLayer<P> {
     type Service = Upstream<S, P>;
 
     fn layer(&self, inner: S) -> Upstream<S, P> {
+        let stack = Arc::new(Striped::new(Stack {
+            parts: self.parts.clone(),
+            service: Mutex::new(inner.clone()),
+        }));
         Upstream {
             inner,
-            stack: self.stack.handle(),
+            stack: stack.handle(),
             map_faults: self.map_faults.config().clone(),
             ready_error: ReadyError::default(),
             deadline: self.deadline.as_ref().map(|l| l.config().clone()),
@@ -702,7 +755,7 @@ impl<P> UpstreamBuilder<P> {
                     format!("must be at most {} (got {max})", limit::MAX),
                 ))
             }
-            Some(max) => Some(limit::Limit::new(max)),
+            Some(max) => Some(Arc::new(limit::Limit::new(max))),
             None => None,
         };
         let breaker = match self.breaker {
@@ -722,17 +775,17 @@ impl<P> UpstreamBuilder<P> {
             Part::Off => None,
         };
         let retry = (self.retry)(classifier)?;
-        let stack = Arc::new(Striped::new(Stack {
+        let parts = Parts {
             retry: retry.shared().clone(),
             breaker: breaker.as_ref().map(|b| b.shared.clone()),
             attempt: attempt_timeout.as_ref().map(AttemptTimeoutLayer::config),
             limit,
             deadline_header: deadline.as_ref().and_then(|l| l.config().propagated()),
-        }));
+        };
         Ok(UpstreamLayer {
             map_faults,
             deadline,
-            stack,
+            parts,
             retry,
             retrying: self.retrying,
             breaker,
