@@ -3,6 +3,9 @@
 #[path = "support/retry_upstreams.rs"]
 mod support;
 
+#[path = "support/counted.rs"]
+mod counted;
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +28,7 @@ use tower_upstream::retry::{Attempts, Backoff, Idempotent, ReplayBody};
 use tower_upstream::timeout::error::Elapsed;
 use tower_upstream::{DeadlineLayer, RetryBudget, RetryLayer};
 
+use counted::Counted;
 use support::{closed_addr, ok, status, Action, Upstream};
 
 fn attempts<B>(rsp: &Response<B>) -> u32 {
@@ -231,6 +235,42 @@ fn get_req() -> Request<Full<Bytes>> {
     Request::get("http://upstream/")
         .body(Full::new(Bytes::new()))
         .unwrap()
+}
+
+// Pins: the retry clones the service it wraps for a request's later attempts only, when the
+// request comes to one; a request its first attempt answers clones nothing.
+#[tokio::test(start_paused = true)]
+async fn the_service_is_cloned_only_for_a_request_that_is_retried() {
+    // The fourth attempt (the fourth request's first) answers 503, every other one 200.
+    let script = Script::new(vec![
+        answer(200, &[]),
+        answer(200, &[]),
+        answer(200, &[]),
+        answer(503, &[]),
+        answer(200, &[]),
+    ]);
+    let clones = Arc::new(AtomicUsize::new(0));
+    let mut svc = RetryLayer::new().layer(Counted::new(&clones, script.service()));
+    let made = clones.load(Ordering::SeqCst);
+
+    for _ in 0..3 {
+        let rsp = send(&mut svc, get_req()).await.unwrap();
+        assert_eq!((rsp.status(), attempts(&rsp)), (StatusCode::OK, 1));
+    }
+    assert_eq!(
+        clones.load(Ordering::SeqCst),
+        made,
+        "no clone for a request sent once"
+    );
+
+    let rsp = send(&mut svc, get_req()).await.unwrap();
+    assert_eq!((rsp.status(), attempts(&rsp)), (StatusCode::OK, 2));
+    assert_eq!(
+        clones.load(Ordering::SeqCst),
+        made + 1,
+        "one clone for the retried request"
+    );
+    assert_eq!(script.count(), 5);
 }
 
 #[tokio::test(start_paused = true)]

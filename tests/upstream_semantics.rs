@@ -27,7 +27,7 @@ use tower_upstream::grpc::{self, Code};
 use tower_upstream::retry::{Attempts, Idempotent, ReplayBody};
 use tower_upstream::{CircuitBreakerLayer, DeadlineLayer, MapFaultsLayer, RetryLayer, Upstream};
 
-use support::{local_resolver, raw_upstream, read_head, REAL_TIMEOUT};
+use support::{local_resolver, raw_upstream, read_head, Counted, REAL_TIMEOUT};
 
 /// The breaker key of the in-memory tests' requests (their URI's authority).
 const KEY: &str = "upstream";
@@ -361,36 +361,6 @@ impl<B> Service<Request<ReplayBody<B>>> for FirstReadyOnly {
     }
 }
 
-/// A service that counts its clones.
-struct Counted<S> {
-    clones: Arc<AtomicUsize>,
-    inner: S,
-}
-
-impl<S: Clone> Clone for Counted<S> {
-    fn clone(&self) -> Self {
-        self.clones.fetch_add(1, SeqCst);
-        Counted {
-            clones: self.clones.clone(),
-            inner: self.inner.clone(),
-        }
-    }
-}
-
-impl<S: Service<R>, R> Service<R> for Counted<S> {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: R) -> S::Future {
-        self.inner.call(req)
-    }
-}
-
 // Pins: the stack clones the service it wraps for a request's later attempts only, when the
 // request comes to one. A request its first attempt answers clones nothing: a clone per
 // request would write a hyper client's or a tonic channel's shared counts from every core.
@@ -399,10 +369,10 @@ async fn the_service_is_cloned_only_for_a_request_that_is_retried() -> Result<()
     let log = Log::default();
     let clones = Arc::new(AtomicUsize::new(0));
     // Attempt 3, the fourth request's first, answers 503; every other one 200.
-    let inner = Counted {
-        clones: clones.clone(),
-        inner: scripted(&log, |n| Act::Status(if n == 3 { 503 } else { 200 })),
-    };
+    let inner = Counted::new(
+        &clones,
+        scripted(&log, |n| Act::Status(if n == 3 { 503 } else { 200 })),
+    );
     let mut svc = Upstream::builder().build()?.layer(inner);
     let made = clones.load(SeqCst);
 

@@ -18,7 +18,7 @@ use super::backoff::{pushback, Pushback};
 use super::budget::stripe_index;
 use super::policy::{Outcome, RequestHead};
 use super::replay::{lock, ReplayBody, State};
-use super::{Attempts, Config, Policy};
+use super::{Attempts, Config, Policy, Share};
 use crate::deadline::{
     cover, lower_propagated, Due, Propagated, PropagatedHeader, RequestDeadline,
 };
@@ -65,9 +65,10 @@ pin_project! {
 }
 
 pub(crate) struct Ctx<S, P, B> {
-    /// This thread's stripe's reference to the layer's configuration.
-    pub(crate) config: Arc<Stripe<Config<P>>>,
-    pub(crate) service: S,
+    /// This thread's stripe's reference to the layer's configuration and service.
+    pub(crate) config: Arc<Stripe<Share<S, P>>>,
+    /// The clone later attempts go to, made for the second attempt.
+    pub(crate) service: Option<S>,
     pub(crate) tries: Tries<B>,
     /// The deadline a `Deadline` above shared without an extension (inside `Upstream`); one
     /// in the head's extensions travels with the head.
@@ -117,7 +118,7 @@ where
 
 impl<S, P, B, ResB> Future for ResponseFuture<S, P, B>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>>,
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResB>> + Clone,
     S::Error: Into<BoxError>,
     P: Policy,
 {
@@ -150,7 +151,9 @@ where
                         stage.set(Stage::Ready);
                     }
                     StageProj::Ready => {
-                        if let Err(e) = ready!(ctx.service.poll_ready(cx)) {
+                        let config = &ctx.config;
+                        let service = ctx.service.get_or_insert_with(|| config.service.get());
+                        if let Err(e) = ready!(service.poll_ready(cx)) {
                             return Poll::Ready(Err(e.into()));
                         }
                         let req = ctx.tries.next_request(ctx.deadline.known(), None);
@@ -158,7 +161,7 @@ where
                             // The layers below read the private deadline while called.
                             let _shared = (!ctx.deadline.is_never())
                                 .then(|| cover::Shared::share_due(None, ctx.deadline, None));
-                            ctx.service.call(req)
+                            service.call(req)
                         };
                         stage.set(Stage::Calling { fut });
                     }

@@ -66,7 +66,7 @@ impl<P: fmt::Debug> fmt::Debug for RetryLayer<P> {
     }
 }
 
-impl<S, P> Layer<S> for RetryLayer<P> {
+impl<S: Clone, P> Layer<S> for RetryLayer<P> {
     type Service = Retry<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {

@@ -106,7 +106,8 @@ mod policy;
 mod replay;
 
 use std::fmt;
-use std::sync::Arc;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -178,13 +179,59 @@ impl<P: fmt::Debug> fmt::Debug for Config<P> {
 /// stripe (see [`Striped`]).
 pub(crate) type Shared<P> = Striped<Config<P>>;
 
-/// Retries upstream requests; see the [module docs](self).
-pub struct Retry<S, P = DefaultPolicy> {
-    inner: S,
-    shared: Handle<Config<P>>,
+/// The service a layer wrapped, kept for the later attempts of the requests that come to
+/// one: cloned then, not for every request (most are never retried, and a clone of a hyper
+/// client or a tonic channel writes reference counts that every core shares). Behind a lock
+/// taken only then, so that a service that is `Send` but not `Sync` (`BoxCloneService`) will
+/// do.
+pub(crate) struct Prototype<S>(Mutex<S>);
+
+impl<S> Prototype<S> {
+    pub(crate) fn new(service: S) -> Self {
+        Prototype(Mutex::new(service))
+    }
+
+    /// A clone of the service, for a request's later attempts.
+    pub(crate) fn get(&self) -> S
+    where
+        S: Clone,
+    {
+        // A clone that panicked left nothing half-done in the service it cloned.
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
-impl<S> Retry<S> {
+/// What one service made by a [`RetryLayer`] (and its clones) shares, reached through the
+/// calling thread's stripe: the layer's configuration, and the service as the layer wrapped
+/// it.
+pub(crate) struct Share<S, P> {
+    layer: Arc<Shared<P>>,
+    pub(crate) service: Prototype<S>,
+}
+
+impl<S, P> Deref for Share<S, P> {
+    type Target = Config<P>;
+
+    #[inline]
+    fn deref(&self) -> &Config<P> {
+        self.layer.get()
+    }
+}
+
+/// Retries upstream requests; see the [module docs](self).
+///
+/// A request's later attempts go to a clone of the service as the layer wrapped it, made
+/// when the request comes to its second attempt (a change made through
+/// [`get_mut`](Self::get_mut) reaches first attempts only).
+pub struct Retry<S, P = DefaultPolicy> {
+    inner: S,
+    shared: Handle<Share<S, P>>,
+}
+
+impl<S: Clone> Retry<S> {
     /// Wraps `inner` with the defaults of [`RetryLayer::new`] (and a budget of its own).
     pub fn new(inner: S) -> Self {
         RetryLayer::new().layer_service(inner)
@@ -192,10 +239,17 @@ impl<S> Retry<S> {
 }
 
 impl<S, P> Retry<S, P> {
-    pub(crate) fn from_shared(inner: S, shared: &Arc<Shared<P>>) -> Self {
+    pub(crate) fn from_shared(inner: S, shared: &Arc<Shared<P>>) -> Self
+    where
+        S: Clone,
+    {
+        let share = Arc::new(Striped::new(Share {
+            layer: shared.clone(),
+            service: Prototype::new(inner.clone()),
+        }));
         Retry {
             inner,
-            shared: shared.handle(),
+            shared: share.handle(),
         }
     }
 
@@ -208,7 +262,7 @@ impl<S, P> Retry<S, P> {
 }
 
 impl RetryLayer {
-    fn layer_service<S>(&self, inner: S) -> Retry<S> {
+    fn layer_service<S: Clone>(&self, inner: S) -> Retry<S> {
         tower_layer::Layer::layer(self, inner)
     }
 }
@@ -226,7 +280,7 @@ impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for Retry<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
-            .field("config", self.shared.get())
+            .field("config", &**self.shared.get())
             .finish()
     }
 }
@@ -252,8 +306,8 @@ where
         // clock reading (no second read), and maybe its deadline.
         let (req, tries) = Tries::begin(self.shared.get(), req, cover::now);
         let deadline = cover::due();
-        // Call the service that was polled ready; keep a clone for later attempts (it is
-        // polled ready again before each of them).
+        // Call the service that was polled ready; later attempts clone the layer's (see
+        // `Prototype`), and poll it ready before each of them.
         let fut = self.inner.call(req);
         match tries {
             None => ResponseFuture::once(fut),
@@ -261,7 +315,7 @@ where
                 fut,
                 Ctx {
                     config: self.shared.stripe(stripe),
-                    service: self.inner.clone(),
+                    service: None,
                     tries,
                     deadline,
                 },

@@ -113,7 +113,7 @@ impl<S, P, B> Drop for Run<S, P, B> {
 /// What a request that may be retried keeps for its later attempts.
 struct Later<S, B> {
     /// A clone of the service, polled ready before each later attempt: made from the
-    /// stack's when the second attempt comes (see [`Stack::service`]).
+    /// stack's when the second attempt comes (see [`Prototype`](crate::retry::Prototype)).
     service: Option<S>,
     tries: Tries<B>,
 }
@@ -421,7 +421,7 @@ where
                     let (Some(later), Some(stack)) = (&mut run.later, &run.stack) else {
                         unreachable!("only a request that may be retried waits for readiness")
                     };
-                    let service = later.service.get_or_insert_with(|| stack.service());
+                    let service = later.service.get_or_insert_with(|| stack.service.get());
                     match service.poll_ready(cx) {
                         Poll::Ready(Ok(())) => {
                             let req = later

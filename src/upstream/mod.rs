@@ -171,7 +171,7 @@ mod limit;
 use std::convert::Infallible;
 use std::fmt;
 use std::ops::Deref;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -258,20 +258,7 @@ impl<P> Clone for Parts<P> {
 /// thread's stripe: the layer's parts, and the service as the layer wrapped it.
 pub(crate) struct Stack<S, P> {
     parts: Parts<P>,
-    /// Cloned for a request's later attempts when it comes to one. Behind a lock taken only
-    /// then, so that a service that is `Send` but not `Sync` (`BoxCloneService`) will do.
-    service: Mutex<S>,
-}
-
-impl<S: Clone, P> Stack<S, P> {
-    /// A clone of the wrapped service, for a request's later attempts.
-    pub(crate) fn service(&self) -> S {
-        // A clone that panicked left nothing half-done in the service it cloned.
-        self.service
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
+    pub(crate) service: retry::Prototype<S>,
 }
 
 impl<S, P> Deref for Stack<S, P> {
@@ -532,7 +519,7 @@ impl<S: Clone, P> Layer<S> for UpstreamLayer<P> {
     fn layer(&self, inner: S) -> Upstream<S, P> {
         let stack = Arc::new(Striped::new(Stack {
             parts: self.parts.clone(),
-            service: Mutex::new(inner.clone()),
+            service: retry::Prototype::new(inner.clone()),
         }));
         Upstream {
             inner,

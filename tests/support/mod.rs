@@ -19,6 +19,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{service_fn, BoxError, Layer, Service};
 
+mod counted;
+#[allow(unused_imports)]
+pub use counted::Counted;
+
 pub type Body = BoxBody<Bytes, BoxError>;
 
 /// A resolver that never leaves the machine: `localhost` is 127.0.0.1, names under
