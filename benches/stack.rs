@@ -17,7 +17,7 @@ use tower_upstream::retry::ReplayBody;
 use tower_upstream::Upstream;
 
 mod common;
-use common::{inner, shared_service, timed, tower_policy};
+use common::{client_like, inner, shared_service, timed, tower_policy};
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -110,7 +110,10 @@ fn bench(c: &mut Criterion) {
 /// The stack shared by 64 tasks on one and on two worker threads: what a second core buys.
 /// `bare` scales (about 1.8x on this kind of machine); shared counters written on every
 /// request would not. `upstream_default_clone_per_request` clones the service for every
-/// request, as a server handing each request to `svc.clone().oneshot(req)` does.
+/// request, as a server handing each request to `svc.clone().oneshot(req)` does. The
+/// `client_like` variants wrap a service whose clone writes a shared count (as a hyper
+/// client's or a tonic channel's does): tower's `Retry` clones it into every request's
+/// future, the stack only into a request that comes to a second attempt.
 fn contention(c: &mut Criterion) {
     let mut g = c.benchmark_group("stack_contention");
     for workers in [1usize, 2] {
@@ -142,6 +145,29 @@ fn contention(c: &mut Criterion) {
                 })
             },
         );
+        g.bench_function(format!("bare_client_like/{workers}w"), |b| {
+            b.iter_custom(|n| {
+                shared_service(workers, n, client_like::<()>(), || Request::new(()), false)
+            })
+        });
+        g.bench_function(
+            format!("tower_timeout_retry_tps_client_like/{workers}w"),
+            |b| {
+                b.iter_custom(|n| {
+                    let svc = ServiceBuilder::new()
+                        .retry(tower_policy())
+                        .timeout(Duration::from_secs(10))
+                        .service(client_like::<()>());
+                    shared_service(workers, n, svc, || Request::new(()), false)
+                })
+            },
+        );
+        g.bench_function(format!("upstream_default_client_like/{workers}w"), |b| {
+            b.iter_custom(|n| {
+                let svc = layer.layer(client_like::<ReplayBody<Empty<Bytes>>>());
+                shared_service(workers, n, svc, || Request::new(Empty::new()), false)
+            })
+        });
         let limited = Upstream::builder().concurrency_limit(4096).build().unwrap();
         g.bench_function(
             format!("upstream_with_limit_clone_per_request/{workers}w"),

@@ -52,6 +52,19 @@ pub(crate) fn inner<B>(
     tower::service_fn(|_req: Request<B>| ready(Ok::<_, Infallible>(Response::new(()))))
 }
 
+/// [`inner`] holding a reference-counted handle, as a hyper client or a tonic channel does:
+/// each clone writes a count that every clone on every core shares.
+#[allow(dead_code)] // not every bench uses it
+pub(crate) fn client_like<B>(
+) -> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone + Send
+{
+    let pool = std::sync::Arc::new(());
+    tower::service_fn(move |_req: Request<B>| {
+        black_box(&pool);
+        ready(Ok::<_, Infallible>(Response::new(())))
+    })
+}
+
 /// Runs `iters` sequential `ready().await` + `call(req).await` on one service.
 pub(crate) async fn drive<S, B>(mut svc: S, iters: u64, make: impl Fn() -> Request<B>)
 where
