@@ -12,6 +12,11 @@ use crate::fault::Classifier;
 
 /// Applies [`Retry`] to a service. Every service it makes shares one [`RetryBudget`], made
 /// when the layer was built.
+///
+/// Each service it makes (each `layer` call) gets a little state of its own, allocated
+/// once: a reference per core to the layer's configuration and a copy of the wrapped
+/// service for later attempts. Wrap a service once and clone it, rather than calling
+/// `layer` per request.
 pub struct RetryLayer<P = DefaultPolicy> {
     shared: Arc<Shared<P>>,
 }

@@ -441,6 +441,12 @@ impl<S, P> Upstream<S, P> {
 /// Applies the whole stack, [`Upstream`], to a service. Made by [`Upstream::builder()`];
 /// cheap to clone, and every clone and every service it makes share one set of breakers,
 /// one retry budget and one concurrency limit.
+///
+/// Each service it makes (each `layer` call) gets a little state of its own, allocated
+/// once: a reference per core to the layer's parts and a copy of the wrapped service for
+/// later attempts, which its clones and their requests share without writing a count that
+/// every core writes. Wrap a service once and clone it, rather than calling `layer` per
+/// request.
 pub struct UpstreamLayer<P = DefaultPolicy> {
     map_faults: MapFaultsLayer,
     deadline: Option<DeadlineLayer>,
