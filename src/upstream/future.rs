@@ -79,8 +79,9 @@ struct Run<S, P, B> {
     timing: Timing,
     /// The breaker's hold on the attempt in flight.
     permit: Option<Permit>,
-    /// This thread's stripe's reference to the layer's parts, kept when the request holds
-    /// a place under the limit or may be retried (one reference for both).
+    /// This thread's stripe's reference to the service's stack (the layer's parts and the
+    /// copy of the service), kept when the request holds a place under the limit or may be
+    /// retried (one reference for both).
     stack: Option<Arc<Stripe<Stack<S, P>>>>,
     /// Whether the request holds a place under the limit (given back with the answer).
     limited: bool,

@@ -122,7 +122,7 @@ impl Limit {
     }
 }
 
-/// A place under the limit, given back when dropped. Holds the layer's parts through the
+/// A place under the limit, given back when dropped. Holds the service's stack through the
 /// thread's stripe (no shared reference count written).
 pub(crate) struct Permit<S, P> {
     /// `None` once handed over by [`into_stack`](Self::into_stack).
@@ -141,7 +141,7 @@ impl<S, P> Permit<S, P> {
             .then(|| Permit { stack: Some(stack) })
     }
 
-    /// The place, as its reference to the layer's parts: whoever takes it gives the place
+    /// The place, as its reference to the service's stack: whoever takes it gives the place
     /// back with [`release`].
     #[inline]
     pub(crate) fn into_stack(mut self) -> Option<Arc<Stripe<Stack<S, P>>>> {
