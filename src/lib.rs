@@ -151,6 +151,7 @@ pub mod guide {
 pub mod retry;
 mod stripe;
 pub mod timeout;
+mod timer;
 pub mod upstream;
 
 pub use breaker::{CircuitBreaker, CircuitBreakerLayer};

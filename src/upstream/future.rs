@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tokio::time::{sleep_until, Instant, Sleep};
+use tokio::time::Instant;
 use tower::BoxError;
 use tower_service::Service;
 
@@ -34,6 +34,7 @@ use crate::retry::{mark, Attempts, Policy, ReplayBody, Tries};
 use crate::stripe::{Handle, Stripe};
 use crate::timeout::error::Elapsed;
 use crate::timeout::Timing;
+use crate::timer::Timer;
 
 pin_project! {
     /// Response future of [`Upstream`](super::Upstream): never fails.
@@ -43,9 +44,8 @@ pin_project! {
     {
         #[pin]
         phase: Phase<S::Future>,
-        // The one timer, made when first needed and moved for each later need.
-        #[pin]
-        sleep: Option<Sleep>,
+        // The one timer, set when first needed and moved for each later need.
+        timer: Timer,
         run: Run<S, P, B>,
         // Boxed, and only when DEBUG is on: the future stays small to move.
         span: Option<Box<tracing::Span>>,
@@ -131,7 +131,7 @@ where
     ) -> Self {
         ResponseFuture {
             phase: Phase::Answer { error: Some(error) },
-            sleep: None,
+            timer: Timer::new(),
             span,
             run: Run {
                 map_faults,
@@ -189,7 +189,7 @@ where
             );
             return ResponseFuture {
                 phase,
-                sleep: None,
+                timer: Timer::new(),
                 span,
                 run: Run {
                     map_faults,
@@ -221,7 +221,7 @@ where
         );
         ResponseFuture {
             phase,
-            sleep: None,
+            timer: Timer::new(),
             span,
             run: Run {
                 map_faults,
@@ -308,16 +308,8 @@ where
 
 /// Polls the one timer, set to fire at `at` (moved there if it was set for another time).
 /// While it is pending, tells a deadline above that the task will be woken by `at`.
-fn poll_timer(mut sleep: Pin<&mut Option<Sleep>>, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
-    match sleep.as_mut().as_pin_mut() {
-        Some(armed) if armed.deadline() == at => {}
-        Some(armed) => armed.reset(at),
-        None => sleep.set(Some(sleep_until(at))),
-    }
-    let Some(armed) = sleep.as_pin_mut() else {
-        return Poll::Pending;
-    };
-    let poll = armed.poll(cx);
+fn poll_timer(timer: &mut Timer, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+    let poll = timer.poll_at(at, cx);
     if poll.is_pending() {
         cover::answer(at);
     }
@@ -389,7 +381,7 @@ where
                             let Some((at, by_deadline)) = run.timing.resolve() else {
                                 return Poll::Pending;
                             };
-                            if poll_timer(this.sleep.as_mut(), at, cx).is_pending() {
+                            if poll_timer(this.timer, at, cx).is_pending() {
                                 return Poll::Pending;
                             }
                             // The breaker does not count a deadline the caller set: it says
@@ -413,7 +405,7 @@ where
                 }
                 PhaseProj::Backoff { until } => {
                     let until = *until;
-                    if poll_timer(this.sleep.as_mut(), until, cx).is_pending() {
+                    if poll_timer(this.timer, until, cx).is_pending() {
                         return Poll::Pending;
                     }
                     ControlFlow::Continue(Phase::Ready)
@@ -445,7 +437,7 @@ where
                             let Some(at) = run.deadline.get() else {
                                 return Poll::Pending;
                             };
-                            if poll_timer(this.sleep.as_mut(), at, cx).is_pending() {
+                            if poll_timer(this.timer, at, cx).is_pending() {
                                 return Poll::Pending;
                             }
                             let exceeded =
