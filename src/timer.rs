@@ -2,26 +2,30 @@
 //! on it.
 //!
 //! A tokio `Sleep` per request costs, on a multi-threaded runtime, more than its
-//! instructions: making one clones the runtime's handle twice (a count every core writes),
-//! and registering it and dropping it each lock the runtime's one timer wheel, which every
-//! core takes. In a gateway nearly every request is answered long before its timeout, so
-//! all of that is paid for a timer that never fires.
+//! instructions: making one clones the runtime's handle twice (a count that every core
+//! writes), and registering it and dropping it each take the lock of the runtime's one timer
+//! wheel, which every core takes. In a gateway nearly every request is answered long before
+//! its timeout, so all of that is paid for a timer that never fires.
 //!
 //! Here a request's timer is a slot in its thread's shard: its deadline and its task's
-//! waker, under the shard's lock, which only that thread takes but for the rare firing.
-//! The shard keeps one `Sleep`, armed for its earliest deadline. When the `Sleep` fires,
-//! the requests whose deadline has come are woken; the earliest request still waiting is
-//! woken as well, to arm the `Sleep` again from its own task (see [`State::expire`]).
+//! waker, under the shard's lock, which other threads take only when a timer fires or a
+//! request ends on another thread than it started on. The shard keeps one `Sleep`, armed
+//! for its earliest deadline; when it fires, the requests whose deadline has come are woken
+//! and it is armed again for the next.
 //!
-//! The shard's `Sleep` belongs to the runtime that made it, and runs on its clock (paused
-//! or not: `tokio::time::pause` drives these timers as it drives any). A shard serves one
-//! runtime at a time: it is taken over by another once it has no request in flight; a
-//! request whose runtime is not its thread's shard's gets a `Sleep` of its own, as before.
-//! (Runtimes are told apart by their `Id`, which tokio takes from a 64-bit counter.)
+//! A runtime shutting down fires every timer, and polling a `Sleep` then panics: the
+//! `Sleep` is armed again from its firing only while the shard's *watch* lives, a task on
+//! the runtime that does nothing but be dropped when the runtime shuts down (tokio drops
+//! the tasks before it shuts the timers down).
 //!
-//! A request is ready when its slot was fired and the runtime's clock has reached its
-//! deadline: a `Sleep` that fires because its runtime shuts down does not time a request
-//! out early.
+//! The shard's `Sleep` belongs to the runtime that made it and keeps its clock, paused or
+//! not: `tokio::time::pause` drives these timers as it drives any. A shard serves one
+//! runtime at a time, taken over by another once it has no timer set; a request on another
+//! runtime than its thread's shard's gets a `Sleep` of its own. Runtimes are told apart by
+//! their `Id`, which tokio takes from a 64-bit counter.
+//!
+//! A timer is ready when its slot was fired *and* the clock has come to its deadline: a
+//! `Sleep` fired by a runtime shutting down times nothing out early.
 
 use std::cell::Cell;
 use std::cmp::Reverse;
@@ -39,25 +43,25 @@ use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::retry::{stripe_index, STRIPES};
 
-/// Above this many slots, a shard with no request in flight gives its slots' memory back.
+/// Above this many slots, a shard with no timer set gives its slots' memory back.
 const KEEP_SLOTS: usize = 1024;
 
-/// One shard per stripe, alone on its cache line(s).
+/// One shard per stripe.
 static SHARDS: [Shard; STRIPES] = [const { Shard::new() }; STRIPES];
 
 thread_local! {
-    /// The shard whose `Sleep` this thread is arming, while it does (its lock held).
+    /// The shard whose `Sleep` this thread is arming, while it does (the lock held).
     static ARMING: Cell<usize> = const { Cell::new(usize::MAX) };
 }
 
-/// A request's timer. Made idle; [`poll_at`](Timer::poll_at) registers it.
+/// A request's timer. Made idle; [`poll_at`](Timer::poll_at) sets it.
 pub(crate) struct Timer {
     state: TimerState,
 }
 
 enum TimerState {
     Idle,
-    /// A slot in a shard.
+    /// A slot in shard `shard`.
     Shared {
         shard: usize,
         key: u32,
@@ -82,21 +86,21 @@ impl Timer {
     pub(crate) fn poll_at(&mut self, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             match &mut self.state {
-                TimerState::Idle => return self.register(at, cx),
+                TimerState::Idle => return self.set(at, cx),
                 TimerState::Shared {
                     shard,
                     key,
                     gen,
                     at: set,
                 } if *set == at => {
-                    return match SHARDS[*shard].poll(*shard, *key, *gen, at, cx) {
+                    return match SHARDS[*shard].poll(*key, *gen, at, cx) {
                         Slot::Waiting => Poll::Pending,
                         Slot::Done => {
                             // `poll` freed the slot.
                             self.state = TimerState::Idle;
                             Poll::Ready(())
                         }
-                        Slot::Moved => {
+                        Slot::Orphaned => {
                             self.state = TimerState::Own(Box::pin(sleep_until(at)));
                             continue;
                         }
@@ -114,32 +118,42 @@ impl Timer {
     }
 
     /// Sets an idle timer for `at`.
-    fn register(&mut self, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
-        // Outside a runtime this panics as tokio's own timers do.
-        let Ok(runtime) = Handle::try_current().map(|handle| handle.id()) else {
+    fn set(&mut self, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        // Outside a runtime, `sleep_until` panics as tokio's timers do.
+        let Ok(handle) = Handle::try_current() else {
             self.state = TimerState::Own(Box::pin(sleep_until(at)));
             return self.poll_at(at, cx);
         };
         let index = stripe_index() % STRIPES;
         let shard = &SHARDS[index];
         let mut state = shard.lock();
-        if state.runtime != Some(runtime) {
+        let mut served = None;
+        if !state.serves(handle.id()) {
             if state.live != 0 {
                 drop(state);
                 self.state = TimerState::Own(Box::pin(sleep_until(at)));
                 return self.poll_at(at, cx);
             }
-            state.serve(runtime);
+            served = Some(state.serve(handle.id(), index));
+        }
+        if state.sleep.is_none() {
+            // Before a slot is taken: without a timer driver, this panics (as tokio's
+            // timers do) with nothing to undo.
+            state.sleep = Some(Box::pin(sleep_until(at)));
         }
         let (key, gen) = state.insert(at, cx.waker().clone());
         if state.armed.is_none_or(|armed| at < armed) {
             shard.arm(&mut state, at, index);
         }
         let done = state.slots[key as usize].fired;
-        if done {
-            state.remove(key, gen);
-        }
+        let waker = done.then(|| state.remove(key, gen));
         shard.unlock(state);
+        drop(waker);
+        if let Some((watch, former)) = served {
+            // With the lock released: both may drop a task, or a runtime's last handle.
+            drop(former);
+            drop(handle.spawn(watch));
+        }
         if done {
             return Poll::Ready(());
         }
@@ -183,15 +197,16 @@ impl fmt::Debug for Timer {
 /// What [`Shard::poll`] found of a slot.
 enum Slot {
     Waiting,
-    /// Fired, the deadline has come; the slot is freed.
+    /// Fired, and the deadline has come; the slot is freed.
     Done,
-    /// The shard cannot be armed from this runtime; the slot is freed.
-    Moved,
+    /// The shard's runtime is gone, and the request lives on in another; the slot is
+    /// freed.
+    Orphaned,
 }
 
 #[repr(align(128))]
 struct Shard {
-    /// Set when the `Sleep` may have fired while this thread held the lock to arm it.
+    /// Set when the `Sleep` fired while this thread held the lock to arm it.
     fired: AtomicBool,
     state: Mutex<State>,
 }
@@ -200,6 +215,12 @@ struct Shard {
 struct State {
     /// The runtime whose clock and timer wheel the shard uses.
     runtime: Option<Id>,
+    /// Counts the runtimes served: the watch of an earlier one stops.
+    serving: u64,
+    /// The watch's waker, once it has run.
+    watch: Option<Waker>,
+    /// Whether the watch lives: the runtime is not shutting down.
+    alive: bool,
     sleep: Option<Pin<Box<Sleep>>>,
     /// The deadline the `Sleep` is armed for, until it fires.
     armed: Option<Instant>,
@@ -235,7 +256,47 @@ impl Wake for ShardWake {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        SHARDS[self.0].on_fire(self.0);
+        SHARDS[self.0].fired(self.0);
+    }
+}
+
+/// The task that tells a shard its runtime is shutting down, by being dropped. It stops
+/// when the shard serves another runtime.
+struct Watch {
+    index: usize,
+    serving: u64,
+}
+
+impl Future for Watch {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let shard = &SHARDS[self.index];
+        let mut state = shard.lock();
+        if state.serving != self.serving {
+            return Poll::Ready(());
+        }
+        let stale = match &state.watch {
+            Some(waker) if waker.will_wake(cx.waker()) => None,
+            _ => state.watch.replace(cx.waker().clone()),
+        };
+        shard.unlock(state);
+        drop(stale);
+        Poll::Pending
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let shard = &SHARDS[self.index];
+        let mut state = shard.lock();
+        let mut stale = None;
+        if state.serving == self.serving {
+            state.alive = false;
+            stale = state.watch.take();
+        }
+        shard.unlock(state);
+        drop(stale);
     }
 }
 
@@ -245,6 +306,9 @@ impl Shard {
             fired: AtomicBool::new(false),
             state: Mutex::new(State {
                 runtime: None,
+                serving: 0,
+                watch: None,
+                alive: false,
                 sleep: None,
                 armed: None,
                 waker: None,
@@ -258,123 +322,144 @@ impl Shard {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Nothing panics while the lock is held but allocation failure; the state stays
-        // consistent between the statements that change it.
+        // Nothing under the lock panics but a tokio `Sleep` polled while its runtime shuts
+        // down (tokio's own timers panic then too); the state is consistent between
+        // statements.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Releases the lock, and then wakes the tasks that the `Sleep`'s firing, or a freed
-    /// slot, left to wake.
+    /// Releases the lock, then wakes the tasks left to wake.
     fn unlock(&self, mut state: MutexGuard<'_, State>) {
-        self.settle(&mut state);
         let wake = std::mem::take(&mut state.wake);
         drop(state);
         wake.into_iter().for_each(Waker::wake);
     }
 
-    /// Handles a firing of the `Sleep` seen while the lock was held.
-    fn settle(&self, state: &mut State) {
+    /// Handles a firing of the `Sleep` seen while this thread armed it.
+    fn settle(&self, state: &mut State, index: usize) {
         if self.fired.swap(false, Ordering::Relaxed) {
-            state.expire();
+            self.expire(state, index);
         }
     }
 
-    /// Arms the `Sleep` for `at` (made if need be), from the task of a request of the
-    /// shard's runtime.
+    /// Arms the `Sleep` for `at` (made if need be), and handles its firing at once.
     fn arm(&self, state: &mut State, at: Instant, index: usize) {
+        self.set_sleep(state, at, index);
+        self.settle(state, index);
+    }
+
+    /// Moves the `Sleep` to `at` and polls it with the shard's waker; a firing at once sets
+    /// the flag.
+    fn set_sleep(&self, state: &mut State, at: Instant, index: usize) {
         let State { sleep, waker, .. } = state;
         let waker = waker.get_or_insert_with(|| Waker::from(Arc::new(ShardWake(index))));
+        let sleep = sleep.get_or_insert_with(|| Box::pin(sleep_until(at)));
         // Moving the `Sleep` to a time that has come, or polling it, may wake it at once.
         ARMING.with(|arming| arming.set(index));
-        let sleep = match sleep {
-            Some(sleep) => {
-                sleep.as_mut().reset(at);
-                sleep
-            }
-            None => sleep.insert(Box::pin(sleep_until(at))),
-        };
-        // Unconstrained: out of budget, tokio's `Sleep` would wake the waker at once and
-        // leave itself unregistered.
-        let poll = {
+        sleep.as_mut().reset(at);
+        // Elapsed as soon as moved: `at` has come, or the runtime is shutting down, when
+        // polling it would panic.
+        let fired = sleep.is_elapsed() || {
+            // Unconstrained: out of the task's budget, tokio's `Sleep` would wake the
+            // waker at once and stay unregistered.
             let mut cx = Context::from_waker(waker);
             let mut fut = unconstrained(poll_fn(|cx| sleep.as_mut().poll(cx)));
-            Pin::new(&mut fut).poll(&mut cx)
+            Pin::new(&mut fut).poll(&mut cx).is_ready()
         };
         ARMING.with(|arming| arming.set(usize::MAX));
         state.armed = Some(at);
-        if poll.is_ready() {
+        if fired {
             self.fired.store(true, Ordering::Relaxed);
         }
-        self.settle(state);
     }
 
-    /// The `Sleep` woke the shard.
-    fn on_fire(&self, index: usize) {
+    /// After the `Sleep` fired: fires the slots whose deadline it was armed for (or an
+    /// earlier one), to be woken, and arms it for the next, unless the runtime is shutting
+    /// down.
+    fn expire(&self, state: &mut State, index: usize) {
+        while state.expire() && state.alive {
+            let Some(first) = state.first() else {
+                return;
+            };
+            self.set_sleep(state, first, index);
+            if !self.fired.swap(false, Ordering::Relaxed) {
+                return;
+            }
+        }
+    }
+
+    /// The `Sleep` fired (or its runtime is shutting down).
+    fn fired(&self, index: usize) {
         if ARMING.try_with(Cell::get) == Ok(index) {
-            // This thread holds the lock, arming: it looks at the flag before releasing it.
+            // This thread holds the lock, arming: it looks at the flag before it lets go.
             self.fired.store(true, Ordering::Relaxed);
             return;
         }
-        let state = self.lock();
-        self.fired.store(true, Ordering::Relaxed);
+        let mut state = self.lock();
+        self.expire(&mut state, index);
         self.unlock(state);
     }
 
     /// Polls slot `key` (handed out as `gen`) for deadline `at`.
-    fn poll(&self, index: usize, key: u32, gen: u32, at: Instant, cx: &mut Context<'_>) -> Slot {
+    fn poll(&self, key: u32, gen: u32, at: Instant, cx: &mut Context<'_>) -> Slot {
         let mut state = self.lock();
+        let alive = state.alive;
         let entry = &mut state.slots[key as usize];
         debug_assert!(entry.used && entry.gen == gen);
-        if entry.fired {
+        let slot = if entry.fired {
             if Instant::now() >= at {
-                state.remove(key, gen);
-                self.unlock(state);
-                return Slot::Done;
+                Slot::Done
+            } else {
+                // Fired by a runtime shutting down, polled on another (whose clock this is).
+                Slot::Orphaned
             }
-            // Fired early: its runtime shut down, and the request lives on in another.
-            entry.fired = false;
-        }
-        match &entry.waker {
-            Some(waker) if waker.will_wake(cx.waker()) => {}
-            _ => entry.waker = Some(cx.waker().clone()),
-        }
-        let first = state.first().unwrap_or(at);
-        if state.armed.is_none_or(|armed| first < armed) {
-            let serves = Handle::try_current().is_ok_and(|h| Some(h.id()) == state.runtime);
-            if !serves {
-                state.remove(key, gen);
-                self.unlock(state);
-                return Slot::Moved;
-            }
-            self.arm(&mut state, first, index);
-        }
-        let done = state.slots[key as usize].fired;
-        if done {
-            state.remove(key, gen);
-        }
-        self.unlock(state);
-        if done {
-            Slot::Done
+        } else if !alive {
+            Slot::Orphaned
         } else {
-            Slot::Waiting
-        }
+            let stale = match &entry.waker {
+                Some(waker) if waker.will_wake(cx.waker()) => None,
+                _ => entry.waker.replace(cx.waker().clone()),
+            };
+            self.unlock(state);
+            drop(stale);
+            return Slot::Waiting;
+        };
+        let waker = state.remove(key, gen);
+        self.unlock(state);
+        drop(waker);
+        slot
     }
 
     /// Frees slot `key`.
     fn cancel(&self, key: u32, gen: u32) {
         let mut state = self.lock();
-        state.remove(key, gen);
+        let waker = state.remove(key, gen);
         self.unlock(state);
+        drop(waker);
     }
 }
 
 impl State {
-    /// Starts serving `runtime` (the shard has no request in flight).
-    fn serve(&mut self, runtime: Id) {
-        self.runtime = Some(runtime);
-        self.sleep = None;
+    /// Whether the shard serves runtime `id`, which is not shutting down.
+    fn serves(&self, id: Id) -> bool {
+        self.runtime == Some(id) && self.alive
+    }
+
+    /// Starts serving runtime `id` (the shard has no timer set). Returns the watch to spawn
+    /// on it and the former runtime's `Sleep`, both for after the lock is released.
+    fn serve(&mut self, id: Id, index: usize) -> (Watch, Option<Pin<Box<Sleep>>>) {
+        self.runtime = Some(id);
+        self.serving += 1;
+        // The former watch, if alive, stops when it runs.
+        self.wake.extend(self.watch.take());
         self.armed = None;
         self.heap.clear();
+        self.alive = true;
+        let watch = Watch {
+            index,
+            serving: self.serving,
+        };
+        (watch, self.sleep.take())
     }
 
     /// Takes a slot for `at`, woken through `waker`.
@@ -401,13 +486,14 @@ impl State {
         (key, gen)
     }
 
-    /// Frees slot `key` if it is still the one handed out as `gen`.
-    fn remove(&mut self, key: u32, gen: u32) {
-        let Some(entry) = self.slots.get_mut(key as usize) else {
-            return;
-        };
+    /// Frees slot `key` if it is still the one handed out as `gen`. Returns its waker, to
+    /// be dropped once the lock is released (a waker's drop is the executor's code, which
+    /// may drop a task holding a timer).
+    #[must_use]
+    fn remove(&mut self, key: u32, gen: u32) -> Option<Waker> {
+        let entry = self.slots.get_mut(key as usize)?;
         if !entry.used || entry.gen != gen {
-            return;
+            return None;
         }
         entry.used = false;
         entry.gen = entry.gen.wrapping_add(1);
@@ -425,14 +511,7 @@ impl State {
             self.heap
                 .retain(|Reverse((_, key, gen))| is_live(slots, *key, *gen));
         }
-        if self.armed.is_none() && self.live != 0 {
-            // The `Sleep` waits for a task to arm it; this may have been that task: pass it
-            // on to the earliest request still waiting.
-            if let Some(first) = self.first_waker() {
-                self.wake.push(first);
-            }
-        }
-        drop(waker);
+        waker
     }
 
     /// The earliest deadline of a live slot, dropping the stale items above it.
@@ -446,23 +525,14 @@ impl State {
         None
     }
 
-    /// The waker of the earliest live slot.
-    fn first_waker(&mut self) -> Option<Waker> {
-        self.first()?;
-        let Reverse((_, key, _)) = *self.heap.peek()?;
-        self.slots[key as usize].waker.clone()
-    }
-
     /// After the `Sleep` fired: fires the slots whose deadline it was armed for (or an
-    /// earlier one), to be woken, and the earliest one left, to arm the `Sleep` again from
-    /// its task. (The `Sleep` is not armed from here: this runs on whatever thread wakes
-    /// it, which may be its runtime's, shutting down.)
-    fn expire(&mut self) {
+    /// earlier one), to be woken. Whether it had fired.
+    fn expire(&mut self) -> bool {
         let Some(armed) = self.armed else {
-            return;
+            return false;
         };
         if !self.sleep.as_ref().is_some_and(|sleep| sleep.is_elapsed()) {
-            return;
+            return false;
         }
         self.armed = None;
         while let Some(Reverse((at, key, gen))) = self.heap.peek().copied() {
@@ -473,14 +543,10 @@ impl State {
             if is_live(&self.slots, key, gen) {
                 let entry = &mut self.slots[key as usize];
                 entry.fired = true;
-                if let Some(waker) = entry.waker.clone() {
-                    self.wake.push(waker);
-                }
+                self.wake.extend(entry.waker.clone());
             }
         }
-        if let Some(first) = self.first_waker() {
-            self.wake.push(first);
-        }
+        true
     }
 }
 
@@ -716,6 +782,60 @@ mod tests {
             wait(start + 7 * MS).await;
             assert_eq!(start.elapsed(), 7 * MS);
         });
+    }
+
+    #[test]
+    fn a_multi_threaded_runtime_shut_down_with_timers_set_does_not_panic() {
+        for _ in 0..3 {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_time()
+                .build()
+                .unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            for i in 0..200u64 {
+                let tx = tx.clone();
+                rt.spawn(async move {
+                    let at = Instant::now() + Duration::from_secs(3600 + i);
+                    let mut timer = Timer::new();
+                    poll_fn(|cx| {
+                        let poll = timer.poll_at(at, cx);
+                        let _ = tx.send(());
+                        poll
+                    })
+                    .await;
+                    unreachable!("an hour has not passed");
+                });
+            }
+            for _ in 0..200 {
+                rx.recv().unwrap();
+            }
+            // Tasks dropped first, then the timers fired by the shutdown.
+            drop(rt);
+        }
+    }
+
+    #[test]
+    fn the_watch_of_a_runtime_no_longer_served_stops() {
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        };
+        let long_lived = runtime();
+        for _ in 0..5 {
+            long_lived.block_on(wait(Instant::now() + MS));
+            let other = runtime();
+            other.block_on(wait(Instant::now() + MS));
+        }
+        // Each time the thread's shard came back to it, a watch was spawned on it; those
+        // of the turns it lost have stopped (they run when the runtime next does). At most
+        // one may live on: the shard may not have gone to `other`, if a test running at the
+        // same time on another thread with the same shard had a timer set.
+        long_lived.block_on(tokio::task::yield_now());
+        assert!(long_lived.metrics().num_alive_tasks() <= 1);
     }
 
     #[test]
