@@ -17,7 +17,7 @@ use tower_upstream::retry::ReplayBody;
 use tower_upstream::Upstream;
 
 mod common;
-use common::{client_like, inner, shared_service, timed, tower_policy};
+use common::{client_like, inner, later, shared_service, timed, tower_policy};
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -113,7 +113,9 @@ fn bench(c: &mut Criterion) {
 /// request, as a server handing each request to `svc.clone().oneshot(req)` does. The
 /// `client_like` variants wrap a service whose clone writes a shared count (as a hyper
 /// client's or a tonic channel's does): tower's `Retry` clones it into every request's
-/// future, the stack only into a request that comes to a second attempt.
+/// future, the stack only into a request that comes to a second attempt. The `later`
+/// variants wrap a service that answers on its future's second poll, as an upstream does,
+/// so that the timers are set (with `inner`, the answer is ready before any timer is).
 fn contention(c: &mut Criterion) {
     let mut g = c.benchmark_group("stack_contention");
     for workers in [1usize, 2] {
@@ -165,6 +167,24 @@ fn contention(c: &mut Criterion) {
         g.bench_function(format!("upstream_default_client_like/{workers}w"), |b| {
             b.iter_custom(|n| {
                 let svc = layer.layer(client_like::<ReplayBody<Empty<Bytes>>>());
+                shared_service(workers, n, svc, || Request::new(Empty::new()), false)
+            })
+        });
+        g.bench_function(format!("bare_later/{workers}w"), |b| {
+            b.iter_custom(|n| shared_service(workers, n, later::<()>(), || Request::new(()), false))
+        });
+        g.bench_function(format!("tower_timeout_retry_tps_later/{workers}w"), |b| {
+            b.iter_custom(|n| {
+                let svc = ServiceBuilder::new()
+                    .retry(tower_policy())
+                    .timeout(Duration::from_secs(10))
+                    .service(later::<()>());
+                shared_service(workers, n, svc, || Request::new(()), false)
+            })
+        });
+        g.bench_function(format!("upstream_default_later/{workers}w"), |b| {
+            b.iter_custom(|n| {
+                let svc = layer.layer(later::<ReplayBody<Empty<Bytes>>>());
                 shared_service(workers, n, svc, || Request::new(Empty::new()), false)
             })
         });

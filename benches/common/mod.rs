@@ -65,6 +65,26 @@ pub(crate) fn client_like<B>(
     })
 }
 
+/// [`inner`] whose answer comes on the future's second poll (it wakes its task and yields
+/// once), as an upstream's does: a timed layer's timer is set, unlike with [`inner`], whose
+/// future is ready at once.
+#[allow(dead_code)] // not every bench uses it
+pub(crate) fn later<B>(
+) -> impl Service<Request<B>, Response = Response<()>, Error = Infallible, Future: Send> + Clone + Send
+{
+    tower::service_fn(|_req: Request<B>| {
+        let mut yielded = false;
+        std::future::poll_fn(move |cx| {
+            if std::mem::replace(&mut yielded, true) {
+                std::task::Poll::Ready(Ok::<_, Infallible>(Response::new(())))
+            } else {
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            }
+        })
+    })
+}
+
 /// Runs `iters` sequential `ready().await` + `call(req).await` on one service.
 pub(crate) async fn drive<S, B>(mut svc: S, iters: u64, make: impl Fn() -> Request<B>)
 where
