@@ -130,7 +130,7 @@ impl Timer {
         let mut served = None;
         if !state.serves(handle.id()) {
             if state.live != 0 {
-                drop(state);
+                shard.unlock(state);
                 self.state = TimerState::Own(Box::pin(sleep_until(at)));
                 return self.poll_at(at, cx);
             }
@@ -274,6 +274,7 @@ impl Future for Watch {
         let shard = &SHARDS[self.index];
         let mut state = shard.lock();
         if state.serving != self.serving {
+            shard.unlock(state);
             return Poll::Ready(());
         }
         let stale = match &state.watch {
@@ -294,6 +295,15 @@ impl Drop for Watch {
         if state.serving == self.serving {
             state.alive = false;
             stale = state.watch.take();
+            // The timers still set are no longer armed again: their requests, if they live
+            // on (polled on another runtime), go to a `Sleep` of their own when polled.
+            let State { slots, wake, .. } = &mut *state;
+            wake.extend(
+                slots
+                    .iter()
+                    .filter(|entry| entry.used)
+                    .filter_map(|entry| entry.waker.clone()),
+            );
         }
         shard.unlock(state);
         drop(stale);
