@@ -80,6 +80,11 @@ impl Timer {
         }
     }
 
+    /// Whether the timer is set (it was polled, and has not fired since).
+    pub(crate) fn is_set(&self) -> bool {
+        !matches!(self.state, TimerState::Idle)
+    }
+
     /// Ready once `at` has come (by the clock of the runtime the timer was set on); until
     /// then, `cx`'s task is woken when it comes. A timer set for another instant before is
     /// moved to `at`.
@@ -167,7 +172,7 @@ impl Timer {
     }
 
     /// Back to idle: the slot, if any, is freed.
-    fn cancel(&mut self) {
+    pub(crate) fn cancel(&mut self) {
         if let TimerState::Shared {
             shard, key, gen, ..
         } = std::mem::replace(&mut self.state, TimerState::Idle)

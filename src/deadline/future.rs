@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
-use tokio::time::{sleep_until, Instant, Sleep};
+use tokio::time::Instant;
 
 use super::cover;
 use super::error::DeadlineExceeded;
@@ -70,7 +70,7 @@ impl<F> fmt::Debug for ResponseFuture<F> {
         match &self.kind {
             Kind::Timed { timer, .. } => d
                 .field("deadline", &timer.at)
-                .field("own_timer", &timer.sleep.is_some()),
+                .field("own_timer", &timer.timer.is_set()),
             Kind::Untimed { .. } => d.field("deadline", &None::<Instant>),
             Kind::Spent => d.field("spent", &true),
         };
@@ -95,14 +95,14 @@ where
 }
 
 /// A deadline's timer: fails the inner future with [`DeadlineExceeded`] once `at` has
-/// passed. Its own `Sleep` is made only once the inner future has returned `Pending`
-/// without a timer below covering `at` (see [`cover`]), and boxed: that keeps the future
-/// small in the common stack (deadline over attempt timeout), where it is never needed.
+/// passed. Its own timer is set only once the inner future has returned `Pending` without
+/// a timer below covering `at` (see [`cover`]): in the common stack (deadline over attempt
+/// timeout) it is never needed.
 pub(crate) struct Timer {
     at: Instant,
     /// Whether the caller set the deadline (see [`DeadlineExceeded::from_caller`]).
     from_caller: bool,
-    sleep: Option<Pin<Box<Sleep>>>,
+    timer: crate::timer::Timer,
 }
 
 impl Timer {
@@ -110,7 +110,7 @@ impl Timer {
         Timer {
             at,
             from_caller,
-            sleep: None,
+            timer: crate::timer::Timer::new(),
         }
     }
 
@@ -132,14 +132,9 @@ impl Timer {
         if let Poll::Ready(res) = res {
             return Poll::Ready(res.map_err(Into::into));
         }
-        if !covered && self.sleep.is_none() {
-            self.sleep = Some(Box::pin(sleep_until(at)));
-        }
-        if let Some(sleep) = &mut self.sleep {
-            if sleep.as_mut().poll(cx).is_ready() {
-                let exceeded = DeadlineExceeded::in_flight().from_caller(self.from_caller);
-                return Poll::Ready(Err(exceeded.into()));
-            }
+        if (!covered || self.timer.is_set()) && self.timer.poll_at(at, cx).is_ready() {
+            let exceeded = DeadlineExceeded::in_flight().from_caller(self.from_caller);
+            return Poll::Ready(Err(exceeded.into()));
         }
         // This task will be woken by `at`: tell a deadline above, if one asks.
         cover::answer(at);

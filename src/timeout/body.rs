@@ -45,12 +45,13 @@ use std::time::Duration;
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::time::{sleep_until, Instant, Sleep};
+use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use super::error::Elapsed;
 use crate::deadline::saturating_add;
+use crate::timer::Timer;
 use crate::BoxError;
 
 /// Applies [`ResponseBodyTimeout`] to services. See the [module docs](self).
@@ -151,11 +152,10 @@ pin_project! {
         #[pin]
         inner: B,
         idle: Duration,
-        // Armed for the current wait (reset after every frame).
-        armed: bool,
+        // When the current wait times out (cleared after every frame).
+        until: Option<Instant>,
         timed_out: bool,
-        #[pin]
-        sleep: Option<Sleep>,
+        timer: Timer,
     }
 }
 
@@ -165,9 +165,9 @@ impl<B> TimeoutBody<B> {
         TimeoutBody {
             inner,
             idle,
-            armed: false,
+            until: None,
             timed_out: false,
-            sleep: None,
+            timer: Timer::new(),
         }
     }
 
@@ -203,28 +203,25 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let mut this = self.project();
+        let this = self.project();
         if *this.timed_out {
             // Keep failing: a body that timed out never looks complete.
             return Poll::Ready(Some(Err(Elapsed::new().into())));
         }
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            *this.armed = false;
+            if this.until.take().is_some() {
+                // The body may now sit unread for long: its slot is not kept.
+                this.timer.cancel();
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        if !*this.armed {
-            let at = saturating_add(Instant::now(), *this.idle);
-            match this.sleep.as_mut().as_pin_mut() {
-                Some(sleep) => sleep.reset(at),
-                None => this.sleep.set(Some(sleep_until(at))),
-            }
-            *this.armed = true;
-        }
-        if let Some(sleep) = this.sleep.as_pin_mut() {
-            if sleep.poll(cx).is_ready() {
-                *this.timed_out = true;
-                return Poll::Ready(Some(Err(Elapsed::new().into())));
-            }
+        let idle = *this.idle;
+        let at = *this
+            .until
+            .get_or_insert_with(|| saturating_add(Instant::now(), idle));
+        if this.timer.poll_at(at, cx).is_ready() {
+            *this.timed_out = true;
+            return Poll::Ready(Some(Err(Elapsed::new().into())));
         }
         Poll::Pending
     }

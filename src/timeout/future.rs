@@ -6,11 +6,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
-use tokio::time::{sleep_until, Sleep};
 
 use super::error::Elapsed;
 use super::Timing;
 use crate::deadline::{cover, DeadlineExceeded};
+use crate::timer::Timer;
 use crate::BoxError;
 
 pin_project! {
@@ -33,8 +33,7 @@ pin_project! {
             timing: Timing,
             // Whether the request's deadline is one the caller set.
             from_caller: bool,
-            #[pin]
-            sleep: Option<Sleep>,
+            timer: Timer,
         },
         Spent,
     }
@@ -47,7 +46,7 @@ impl<F> ResponseFuture<F> {
                 inner,
                 timing,
                 from_caller,
-                sleep: None,
+                timer: Timer::new(),
             },
         }
     }
@@ -61,8 +60,8 @@ impl<F> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("ResponseFuture");
         match &self.kind {
-            Kind::Timed { timing, sleep, .. } => {
-                d.field("timing", timing).field("armed", &sleep.is_some())
+            Kind::Timed { timing, timer, .. } => {
+                d.field("timing", timing).field("armed", &timer.is_set())
             }
             Kind::Spent => d.field("spent", &true),
         };
@@ -83,7 +82,7 @@ where
                 inner,
                 timing,
                 from_caller,
-                mut sleep,
+                timer,
             } => {
                 if let Poll::Ready(res) = inner.poll(cx) {
                     return Poll::Ready(res.map_err(Into::into));
@@ -91,19 +90,14 @@ where
                 let Some((at, by_deadline)) = timing.resolve() else {
                     return Poll::Pending;
                 };
-                if sleep.is_none() {
-                    sleep.set(Some(sleep_until(at)));
-                }
-                if let Some(sleep) = sleep.as_pin_mut() {
-                    if sleep.poll(cx).is_ready() {
-                        return Poll::Ready(Err(if by_deadline {
-                            DeadlineExceeded::in_flight()
-                                .from_caller(*from_caller)
-                                .into()
-                        } else {
-                            Elapsed::new().into()
-                        }));
-                    }
+                if timer.poll_at(at, cx).is_ready() {
+                    return Poll::Ready(Err(if by_deadline {
+                        DeadlineExceeded::in_flight()
+                            .from_caller(*from_caller)
+                            .into()
+                    } else {
+                        Elapsed::new().into()
+                    }));
                 }
                 // Armed: a deadline above needs no timer of its own.
                 cover::answer(at);

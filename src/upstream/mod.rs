@@ -142,6 +142,14 @@
 //! the next attempt waits for the service), and none while the service answers without
 //! waiting. The behaviour is the one of the layers composed in the order below.
 //!
+//! A timer is not a tokio `Sleep` of its own: the requests in flight on a thread share one,
+//! armed for the earliest of their deadlines, and a request's timer is its deadline and its
+//! waker in that thread's table. A `Sleep` per request would write, on every request, a
+//! reference count and a lock that every core of the runtime shares. The timers keep tokio's
+//! clock: `tokio::time::pause` and `advance` drive them as they drive any. (The standalone
+//! [`AttemptTimeout`](crate::AttemptTimeout), [`Deadline`](crate::Deadline) and
+//! [`TimeoutBody`](crate::timeout::body::TimeoutBody) time the same way.)
+//!
 //! # Body types
 //!
 //! The service you wrap receives `Request<ReplayBody<B>>` (the retry records the body to
