@@ -20,6 +20,23 @@ fn inner() -> impl Service<Request<()>, Response = Response<()>, Error = Infalli
     service_fn(|_: Request<()>| std::future::ready(Ok::<_, Infallible>(Response::new(()))))
 }
 
+/// [`inner`] answering on its future's second poll (it wakes its task and yields once), as
+/// an upstream does: the timers are then set, as they are not when the answer is ready at
+/// once.
+fn later() -> impl Service<Request<()>, Response = Response<()>, Error = Infallible> + Clone {
+    service_fn(|_: Request<()>| {
+        let mut yielded = false;
+        std::future::poll_fn(move |cx| {
+            if std::mem::replace(&mut yielded, true) {
+                std::task::Poll::Ready(Ok::<_, Infallible>(Response::new(())))
+            } else {
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            }
+        })
+    })
+}
+
 fn bench<S>(
     group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
     rt: &Runtime,
@@ -70,6 +87,25 @@ fn timeout(c: &mut Criterion) {
             .layer(DeadlineLayer::new(Duration::from_secs(5)))
             .layer(AttemptTimeoutLayer::new(second))
             .service(inner())
+    });
+    group.finish();
+
+    // The same around an answer that comes on a later poll: the timers are set.
+    let mut group = c.benchmark_group("timeout_later");
+    bench(&mut group, &rt, "bare", later);
+    bench(&mut group, &rt, "tower_timeout", || {
+        ServiceBuilder::new().timeout(second).service(later())
+    });
+    bench(&mut group, &rt, "attempt_timeout", || {
+        ServiceBuilder::new()
+            .layer(AttemptTimeoutLayer::new(second))
+            .service(later())
+    });
+    bench(&mut group, &rt, "deadline+attempt_timeout", || {
+        ServiceBuilder::new()
+            .layer(DeadlineLayer::new(Duration::from_secs(5)))
+            .layer(AttemptTimeoutLayer::new(second))
+            .service(later())
     });
     group.finish();
 }
