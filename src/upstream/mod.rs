@@ -146,8 +146,10 @@
 //! armed for the earliest of their deadlines, and a request's timer is its deadline and its
 //! waker in that thread's table. A `Sleep` per request would write, on every request, a
 //! reference count and a lock that every core of the runtime shares. The timers keep tokio's
-//! clock: `tokio::time::pause` and `advance` drive them as they drive any. (The standalone
-//! [`AttemptTimeout`](crate::AttemptTimeout), [`Deadline`](crate::Deadline) and
+//! clock: `tokio::time::pause` and `advance` drive them as they drive any. A thread's table
+//! serves one runtime at a time and keeps an idle task on it, which tells the table when
+//! the runtime shuts down; a request on another runtime has a `Sleep` of its own. (The
+//! standalone [`AttemptTimeout`](crate::AttemptTimeout), [`Deadline`](crate::Deadline) and
 //! [`TimeoutBody`](crate::timeout::body::TimeoutBody) time the same way.)
 //!
 //! # Body types
