@@ -5,7 +5,6 @@
 //! iteration is `ready().await` + `call(http::Request::new(())).await` on a current-thread
 //! runtime. Run: `cargo bench --bench timeout -- --warm-up-time 1 --measurement-time 3`.
 
-use std::convert::Infallible;
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -13,29 +12,11 @@ use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use http::{Request, Response};
 use tokio::runtime::Runtime;
 use tokio::time::Instant;
-use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_upstream::{AttemptTimeoutLayer, DeadlineLayer};
 
-fn inner() -> impl Service<Request<()>, Response = Response<()>, Error = Infallible> + Clone {
-    service_fn(|_: Request<()>| std::future::ready(Ok::<_, Infallible>(Response::new(()))))
-}
-
-/// [`inner`] answering on its future's second poll (it wakes its task and yields once), as
-/// an upstream does: the timers are then set, as they are not when the answer is ready at
-/// once.
-fn later() -> impl Service<Request<()>, Response = Response<()>, Error = Infallible> + Clone {
-    service_fn(|_: Request<()>| {
-        let mut yielded = false;
-        std::future::poll_fn(move |cx| {
-            if std::mem::replace(&mut yielded, true) {
-                std::task::Poll::Ready(Ok::<_, Infallible>(Response::new(())))
-            } else {
-                cx.waker().wake_by_ref();
-                std::task::Poll::Pending
-            }
-        })
-    })
-}
+mod common;
+use common::{inner, later};
 
 fn bench<S>(
     group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
@@ -68,44 +49,44 @@ fn timeout(c: &mut Criterion) {
         .unwrap();
     let second = Duration::from_secs(1);
     let mut group = c.benchmark_group("timeout");
-    bench(&mut group, &rt, "bare", inner);
+    bench(&mut group, &rt, "bare", inner::<()>);
     bench(&mut group, &rt, "tower_timeout", || {
-        ServiceBuilder::new().timeout(second).service(inner())
+        ServiceBuilder::new().timeout(second).service(inner::<()>())
     });
     bench(&mut group, &rt, "attempt_timeout", || {
         ServiceBuilder::new()
             .layer(AttemptTimeoutLayer::new(second))
-            .service(inner())
+            .service(inner::<()>())
     });
     bench(&mut group, &rt, "deadline", || {
         ServiceBuilder::new()
             .layer(DeadlineLayer::new(second))
-            .service(inner())
+            .service(inner::<()>())
     });
     bench(&mut group, &rt, "deadline+attempt_timeout", || {
         ServiceBuilder::new()
             .layer(DeadlineLayer::new(Duration::from_secs(5)))
             .layer(AttemptTimeoutLayer::new(second))
-            .service(inner())
+            .service(inner::<()>())
     });
     group.finish();
 
     // The same around an answer that comes on a later poll: the timers are set.
     let mut group = c.benchmark_group("timeout_later");
-    bench(&mut group, &rt, "bare", later);
+    bench(&mut group, &rt, "bare", later::<()>);
     bench(&mut group, &rt, "tower_timeout", || {
-        ServiceBuilder::new().timeout(second).service(later())
+        ServiceBuilder::new().timeout(second).service(later::<()>())
     });
     bench(&mut group, &rt, "attempt_timeout", || {
         ServiceBuilder::new()
             .layer(AttemptTimeoutLayer::new(second))
-            .service(later())
+            .service(later::<()>())
     });
     bench(&mut group, &rt, "deadline+attempt_timeout", || {
         ServiceBuilder::new()
             .layer(DeadlineLayer::new(Duration::from_secs(5)))
             .layer(AttemptTimeoutLayer::new(second))
-            .service(later())
+            .service(later::<()>())
     });
     group.finish();
 }

@@ -591,6 +591,26 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
+    /// A current-thread runtime with its clock paused.
+    fn paused() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    }
+
+    /// A timer set on `rt` for `after` from its clock's now, polled once (pending).
+    fn pending_on(
+        rt: &tokio::runtime::Runtime,
+        after: Duration,
+    ) -> task::Spawn<impl std::future::Future<Output = ()>> {
+        let _in = rt.enter();
+        let mut t = task::spawn(wait(Instant::now() + after));
+        assert_pending!(t.poll());
+        t
+    }
+
     #[tokio::test(start_paused = true)]
     async fn fires_at_its_deadline_and_not_before() {
         let at = Instant::now() + 100 * MS;
@@ -709,26 +729,9 @@ mod tests {
 
     #[test]
     fn two_runtimes_on_one_thread_keep_their_own_clocks() {
-        let runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .unwrap()
-        };
-        let (a, b) = (runtime(), runtime());
-        let mut on_a = {
-            let _in = a.enter();
-            let mut t = task::spawn(wait(Instant::now() + 100 * MS));
-            assert_pending!(t.poll());
-            t
-        };
-        let mut on_b = {
-            let _in = b.enter();
-            let mut t = task::spawn(wait(Instant::now() + 100 * MS));
-            assert_pending!(t.poll());
-            t
-        };
+        let (a, b) = (paused(), paused());
+        let mut on_a = pending_on(&a, 100 * MS);
+        let mut on_b = pending_on(&b, 100 * MS);
         b.block_on(advance(100 * MS));
         assert!(on_b.is_woken());
         assert!(!on_a.is_woken());
@@ -744,23 +747,13 @@ mod tests {
 
     #[test]
     fn a_runtime_that_ends_with_timers_set_leaves_the_thread_usable() {
-        let runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .unwrap()
-        };
         for _ in 0..3 {
-            let rt = runtime();
+            let rt = paused();
             // One timer still set when the runtime goes, one in a task it drops.
-            let left = {
-                let _in = rt.enter();
-                let mut t = task::spawn(wait(Instant::now() + 10 * MS));
-                assert_pending!(t.poll());
-                t
-            };
+            let left = pending_on(&rt, 10 * MS);
+            let _in = rt.enter();
             rt.spawn(wait(Instant::now() + 20 * MS));
+            drop(_in);
             rt.block_on(async {
                 let start = Instant::now();
                 wait(start + 5 * MS).await;
@@ -772,15 +765,10 @@ mod tests {
         }
         // A timer set on a runtime that has ended, polled on another: it waits on the
         // clock of the runtime it is polled on.
-        let rt = runtime();
-        let mut moved = {
-            let _in = rt.enter();
-            let mut t = task::spawn(wait(Instant::now() + 10 * MS));
-            assert_pending!(t.poll());
-            t
-        };
+        let rt = paused();
+        let mut moved = pending_on(&rt, 10 * MS);
         drop(rt);
-        let rt = runtime();
+        let rt = paused();
         {
             let _in = rt.enter();
             assert_pending!(moved.poll());
@@ -792,7 +780,7 @@ mod tests {
             assert_ready!(moved.poll());
         }
         // The thread's shard serves the next runtime.
-        runtime().block_on(async {
+        paused().block_on(async {
             let start = Instant::now();
             wait(start + 7 * MS).await;
             assert_eq!(start.elapsed(), 7 * MS);
@@ -832,17 +820,10 @@ mod tests {
 
     #[test]
     fn the_watch_of_a_runtime_no_longer_served_stops() {
-        let runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .unwrap()
-        };
-        let long_lived = runtime();
+        let long_lived = paused();
         for _ in 0..5 {
             long_lived.block_on(wait(Instant::now() + MS));
-            let other = runtime();
+            let other = paused();
             other.block_on(wait(Instant::now() + MS));
         }
         // Each time the thread's shard came back to it, a watch was spawned on it; those

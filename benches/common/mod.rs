@@ -16,6 +16,7 @@ use tower::{Service, ServiceExt};
 /// tower's `Retry` policy as its docs show it: deposit on success, withdraw on failure;
 /// never retries here (the inner service always succeeds) but clones the request.
 #[derive(Clone)]
+#[allow(dead_code)] // not every bench uses it
 pub(crate) struct TowerPolicy {
     budget: Arc<TpsBudget>,
 }
@@ -39,6 +40,7 @@ impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for TowerPolicy {
 }
 
 /// tower's policy with a `TpsBudget` like our default budget (10 s, 10/s, 20 %).
+#[allow(dead_code)] // not every bench uses it
 pub(crate) fn tower_policy() -> TowerPolicy {
     TowerPolicy {
         budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
@@ -86,6 +88,7 @@ pub(crate) fn later<B>(
 }
 
 /// Runs `iters` sequential `ready().await` + `call(req).await` on one service.
+#[allow(dead_code)] // not every bench uses it
 pub(crate) async fn drive<S, B>(mut svc: S, iters: u64, make: impl Fn() -> Request<B>)
 where
     S: Service<Request<B>>,
