@@ -344,7 +344,11 @@ impl Shard {
     }
 
     /// Releases the lock, then wakes the tasks left to wake.
+    #[inline]
     fn unlock(&self, mut state: MutexGuard<'_, State>) {
+        if state.wake.is_empty() {
+            return;
+        }
         let wake = std::mem::take(&mut state.wake);
         drop(state);
         wake.into_iter().for_each(Waker::wake);
